@@ -1,0 +1,133 @@
+"""`crabsweep <command> [group=option key=value …]`.
+
+Commands:
+  round   one Crab Step round (train with attribution under `round.suppress`), records in the run dir
+
+Any problem in the user's input is reported as one line on stderr with exit code 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from .errors import UserError
+
+log = logging.getLogger("crabsweep")
+USAGE = "usage: crabsweep {round} [group=option key=value ...]"
+
+
+def setup_logging(run_dir: Path | None) -> None:
+    import transformers
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", module="peft")
+    warnings.filterwarnings("ignore", message=".*generation flags.*")
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    root = logging.getLogger("crabsweep")
+    root.setLevel(logging.INFO)
+    root.handlers.clear()
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setFormatter(fmt)
+    root.addHandler(stream)
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        file = logging.FileHandler(run_dir / "crabsweep.log")
+        file.setFormatter(fmt)
+        root.addHandler(file)
+
+
+def cmd_round(overrides: list[str]) -> int:
+    from .config import compose_config, save_config
+    from .round import run_round, save_round
+    from .session import Session
+    from .units import unit_from_json
+
+    cfg, run_dir = compose_config("round", overrides)
+    with _run_dir(run_dir):
+        setup_logging(run_dir)
+        save_config(cfg, overrides, run_dir)
+        session = Session(cfg)
+        suppressed = [unit_from_json(u) for u in cfg.round.suppress]
+        session.space.check(suppressed, "round.suppress unit")
+        result = run_round(session, suppressed, index=0)
+        out = save_round(result, session, run_dir / "round_0")
+    _print_round(result, out)
+    return 0
+
+
+def _print_round(result, out: Path) -> None:
+    console = Console()
+    table = Table(title=f"top recruits (round {result.index}, |S|={len(result.suppressed)})")
+    table.add_column("rank", justify="right")
+    for method in result.recruits:
+        table.add_column(method)
+    for i in range(max(len(v) for v in result.recruits.values())):
+        cells = []
+        for ranked in result.recruits.values():
+            r = ranked[i] if i < len(ranked) else None
+            cells.append(f"L{r['unit']['layer']}:{r['unit']['index']}  {r['score']:.4g}" if r else "")
+        table.add_row(str(i + 1), *cells)
+    console.print(table)
+    m = result.metrics
+    console.print(f"loss: init {m['init_loss']:.4f} → final {m['final_loss']:.4f} (weighted "
+                  f"{m['init_loss_weighted']:.4f} → {m['final_loss_weighted']:.4f}); held-out "
+                  f"{_fmt(m['heldout_loss'])}; task score {_fmt(m['task_score'])}")
+    console.print(f"{m['steps']} steps, {m['train_seconds']:.1f}s training ({m['tokens_per_second']:.0f} tok/s), "
+                  f"{m['seconds']:.1f}s round, peak RSS {m['peak_rss_mb']:.0f} MB")
+    if result.generations:
+        g = result.generations[0]
+        console.print(f"generation for '{g['id']}' (mask on, score {g['score']:.2f}):\n{g['text']}", markup=False)
+    console.print(f"records: {out}")
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
+class _run_dir:
+    """Remove a run dir this command created if it fails on a user error (nothing half-written)."""
+
+    def __init__(self, path: Path):
+        self.path, self.existed = path, path.exists()
+
+    def __enter__(self):
+        return self.path
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None and issubclass(exc_type, UserError) and not self.existed:
+            logging.getLogger("crabsweep").handlers.clear()
+            shutil.rmtree(self.path, ignore_errors=True)
+        return False
+
+
+COMMANDS = {"round": cmd_round}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, overrides = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"crabsweep: error: unknown command '{command}'; {USAGE}", file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[command](overrides)
+    except UserError as e:
+        print(f"crabsweep: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("crabsweep: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Config composition (Hydra's compose API) and validation with one-line errors.
+
+Every command composes `conf/config.yaml` with its groups (model, task, adapter, attribution,
+suppression, …) and the user's `group=option key=value` overrides. The result is resolved and frozen:
+no interpolation survives into the saved `.hydra/config.yaml`, so a run can be reproduced from it.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import setup_globals
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
+
+from . import io
+from .errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = ROOT / "conf"
+
+
+def _one_line(e: Exception) -> str:
+    text = " ".join(str(e).split())
+    return re.sub(r"\s*Full key: .*$", "", text)
+
+
+def compose_config(command: str, overrides: list[str]) -> tuple[DictConfig, Path]:
+    """Compose, resolve and validate the config for `command`; return it and the run dir."""
+    setup_globals()
+    if not OmegaConf.has_resolver("crabsweep_root"):
+        OmegaConf.register_new_resolver("crabsweep_root", lambda: str(ROOT))
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name=command):
+            cfg = compose(config_name="config", overrides=[f"command={command}", *overrides],
+                          return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        run_dir = Path(OmegaConf.select(cfg, "hydra.run.dir"))
+        with open_dict(cfg):
+            del cfg["hydra"]
+        OmegaConf.resolve(cfg)
+    except (HydraException, OmegaConfBaseException) as e:
+        hint = " (add a new key with +key=value)" if "not in struct" in str(e) else ""
+        raise UserError(f"bad config: {_one_line(e)}{hint}") from e
+    finally:
+        GlobalHydra.instance().clear()
+    OmegaConf.set_readonly(cfg, True)
+    validate(cfg)
+    return cfg, run_dir
+
+
+def save_config(cfg: DictConfig, overrides: list[str], run_dir: Path) -> None:
+    io.write_text(run_dir / ".hydra" / "config.yaml", OmegaConf.to_yaml(cfg))
+    io.write_text(run_dir / ".hydra" / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
+
+
+def load_saved_config(run_dir: str | Path) -> DictConfig:
+    path = Path(run_dir) / ".hydra" / "config.yaml"
+    if not path.exists():
+        raise UserError(f"{run_dir} holds no .hydra/config.yaml; pass the folder of a crabsweep run")
+    return OmegaConf.load(path)
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise UserError(message)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Cheap checks that turn impossible settings into one clear line before anything loads."""
+    t = cfg.train
+    _require(int(t.epochs) >= 1, f"train.epochs={t.epochs} must be ≥ 1")
+    _require(int(t.batch_size) >= 1, f"train.batch_size={t.batch_size} must be ≥ 1")
+    _require(float(t.lr) > 0 and float(t.lr_min) >= 0, "train.lr must be > 0 and train.lr_min ≥ 0")
+    _require(float(t.lr_min) <= float(t.lr), f"train.lr_min={t.lr_min} must not exceed train.lr={t.lr}")
+    a = cfg.adapter
+    _require(int(a.r) >= 1, f"adapter.r={a.r} must be ≥ 1")
+    _require(0.0 <= float(a.dropout) < 1.0, f"adapter.dropout={a.dropout} must be in [0, 1)")
+    _require(len(a.target_modules) > 0, "adapter.target_modules is empty; list the modules to adapt")
+    _require(int(cfg.task.max_prompt_tokens) >= 1, "task.max_prompt_tokens must be ≥ 1")
+    _require(int(cfg.eval.max_new_tokens) >= 0, "eval.max_new_tokens must be ≥ 0")
+    _require(int(cfg.eval.batch_size) >= 1, "eval.batch_size must be ≥ 1")
+    s = cfg.suppression
+    _require(s.mode in ("zero", "mean", "multiplier"), f"suppression.mode={s.mode} must be zero, mean or multiplier")

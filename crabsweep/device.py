@@ -1,0 +1,55 @@
+"""Device, dtype and seeding: the one place that decides where tensors live.
+
+`device=auto` picks CUDA when present, else CPU. `dtype=auto` is fp32 on CPU and bf16 on a GPU that
+supports it. Every other module asks here instead of probing the hardware itself.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` → cuda if available, else cpu; otherwise any torch device string."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise UserError(f"unknown device '{name}'; use device=auto, device=cpu or device=cuda") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("device=cuda but no CUDA device is visible; use device=auto or device=cpu")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto` → bf16 on a CUDA device that supports it, fp32 elsewhere."""
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if name not in _DTYPES:
+        raise UserError(f"unknown dtype '{name}'; use dtype=auto, fp32, bf16 or fp16")
+    return _DTYPES[name]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices) so a round is a function of its seed."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def generator(seed: int) -> torch.Generator:
+    """A CPU generator for seeded sampling that must not disturb the global RNG."""
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return g

@@ -1,0 +1,95 @@
+"""One Crab Step round: fresh adapter + suppression set S → training with attribution → record.
+
+A round is a pure function of (session config, S, seed): the adapter is reset with the seed, S is
+applied by the unit space's mask during training, evaluation and generation, and every streamed
+attribution method is captured in the same training pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import io
+from .attribution import Recorder, rank
+from .metrics import eval_loss, generate, score_generations
+from .session import Session
+from .train import reset_adapter, train
+from .units import Unit, unit_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RoundResult:
+    index: int
+    suppressed: list[Unit]
+    curve: list[dict]
+    metrics: dict
+    generations: list[dict]
+    scores: dict[str, list[torch.Tensor]] = field(repr=False)
+    recruits: dict[str, list[dict]] = field(default_factory=dict)   # method → ranked top list
+
+    def record(self) -> dict:
+        return {"round": self.index, "suppressed": [unit_json(u) for u in self.suppressed],
+                "recruits": self.recruits, "metrics": self.metrics, "loss_curve": self.curve,
+                "generations": self.generations}
+
+
+def run_round(session: Session, suppressed: list[Unit], index: int = 0) -> RoundResult:
+    cfg, task, model, space = session.cfg, session.task, session.model, session.space
+    dev, pad = session.device, session.pad_id
+    t0 = time.perf_counter()
+    space.set_suppression(suppressed, mode=cfg.suppression.mode, scale=float(cfg.suppression.get("scale", 0.0)))
+    reset_adapter(model, int(cfg.seed))
+    init = eval_loss(model, task.train, pad, dev, int(cfg.eval.batch_size))   # B = 0: base + mask
+
+    recorder = Recorder(space)
+    space.tap = recorder
+    t_train = time.perf_counter()
+    try:
+        curve = train(model, task.train, cfg.train, pad, dev, int(cfg.seed), on_step_end=recorder.end_step,
+                      desc=f"round {index}")
+    finally:
+        space.tap = None
+    t_train = time.perf_counter() - t_train
+
+    final = eval_loss(model, task.train, pad, dev, int(cfg.eval.batch_size))
+    heldout = eval_loss(model, task.heldout, pad, dev, int(cfg.eval.batch_size))
+    texts = generate(model, session.tokenizer, task.heldout, dev, int(cfg.eval.max_new_tokens))
+    generations = score_generations(task.heldout, texts, task.scorer, mask="on")
+
+    excluded = set(suppressed)
+    scores = recorder.scores(excluded)
+    top = int(cfg.round.top)
+    recruits = {m: rank(s, excluded, top) for m, s in scores.items()}
+    tokens = sum(len(e.input_ids) for e in task.train) * int(cfg.train.epochs)
+    metrics = {
+        "init_loss": init["plain"], "final_loss": final["plain"],
+        "init_loss_weighted": init["weighted"], "final_loss_weighted": final["weighted"],
+        "heldout_loss": heldout["plain"], "heldout_loss_weighted": heldout["weighted"],
+        "train_loss_per_sample": final["per_sample"], "heldout_loss_per_sample": heldout["per_sample"],
+        "task_score": sum(g["score"] for g in generations) / len(generations) if generations else None,
+        "n_suppressed": len(suppressed), "steps": len(curve), "train_tokens": tokens,
+        "train_seconds": t_train, "tokens_per_second": tokens / t_train if t_train else None,
+        "seconds": time.perf_counter() - t0, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    log.info("round %d: |S|=%d init %.4f → final %.4f, held-out %.4f (%.1fs)", index, len(suppressed),
+             metrics["init_loss"], metrics["final_loss"], metrics["heldout_loss"] or float("nan"), metrics["seconds"])
+    return RoundResult(index, list(suppressed), curve, metrics, generations, scores, recruits)
+
+
+def save_round(result: RoundResult, session: Session, target: str | Path) -> Path:
+    """Write record.json, scores.safetensors and the PEFT adapter; the folder appears only when complete."""
+    target = Path(target)
+    with io.staged_dir(target) as tmp:
+        io.write_tensors(tmp / "scores.safetensors",
+                         {f"{m}.{layer}": t for m, per_layer in result.scores.items() for layer, t in enumerate(per_layer)})
+        session.model.save_pretrained(str(tmp / "adapter"))
+        io.write_json(tmp / "record.json", result.record())
+    return target

@@ -1,0 +1,39 @@
+"""What a process loads once: the base model with its PEFT wrapper, the task and the unit space.
+
+Rounds never reload the model: each resets the adapter in place and swaps the suppression mask.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .models import load_model
+from .tasks import load_task
+from .train import wrap_with_lora
+from .units import make_space
+
+log = logging.getLogger(__name__)
+
+
+class Session:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.loaded = load_model(cfg.model, cfg.device, cfg.dtype, cfg.attn_implementation)
+        self.task = load_task(cfg.task, self.loaded.tokenizer, weighted=bool(cfg.train.weighted))
+        self.space = make_space(cfg.suppression, self.loaded)
+        self.model = wrap_with_lora(self.loaded.model, cfg.adapter)
+        self.space.install(self.model)
+        log.info("task %s: %d train / %d held-out samples; %d %s units", self.task.name, len(self.task.train),
+                 len(self.task.heldout), self.space.n_units, self.space.name)
+
+    @property
+    def tokenizer(self):
+        return self.loaded.tokenizer
+
+    @property
+    def device(self):
+        return self.loaded.device
+
+    @property
+    def pad_id(self) -> int:
+        return self.loaded.tokenizer.pad_token_id

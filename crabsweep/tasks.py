@@ -1,0 +1,244 @@
+"""Task files → tokenized examples (prompt-masked labels, per-token weights, train / held-out).
+
+A task is a file or a folder of JSON files. A file holds one sample object, a list of them, or
+`{"samples": [...]}`. A sample has `input` and `output`, optionally `id`, `split` ("train" or
+"heldout") and `weights: {"conclusion": [...], "glue": [...]}` — substrings of `output` whose tokens
+get weight 2.0 / 0.1 (other assistant tokens 0.5), as in the reference. Every problem is a UserError
+naming the file and the fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+WEIGHT_CONCLUSION, WEIGHT_GLUE, WEIGHT_OTHER = 2.0, 0.1, 0.5
+
+
+@dataclass
+class Sample:
+    id: str
+    input: str
+    output: str
+    source: str
+    split: str = "train"
+    conclusion: list[str] = field(default_factory=list)
+    glue: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Example:
+    sample: Sample
+    input_ids: torch.Tensor      # [T] prompt + target
+    labels: torch.Tensor         # [T] -100 on the prompt
+    weights: torch.Tensor        # [T] per-token loss weight (0 on the prompt)
+    prompt_ids: torch.Tensor     # [P] what generation starts from
+
+
+@dataclass
+class Task:
+    name: str
+    train: list[Example]
+    heldout: list[Example]
+    scorer: "Scorer"
+    files: dict[str, str]        # file → sha256, for fingerprints
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading and validation
+# --------------------------------------------------------------------------------------------------
+def task_files(path: str | Path) -> list[Path]:
+    path = Path(path).expanduser()
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(path.glob("*.json"))
+        if files:
+            return files
+        raise UserError(f"task folder '{path}' holds no .json files; point task.path at a folder of samples")
+    raise UserError(f"task path '{path}' does not exist; pass task=<name> or task.path=<file or folder>")
+
+
+def load_samples(path: str | Path) -> list[Sample]:
+    samples: list[Sample] = []
+    for f in task_files(path):
+        try:
+            data = json.loads(f.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise UserError(f"{f}: malformed JSON at line {e.lineno} column {e.colno} ({e.msg}); fix the file") from e
+        items = data.get("samples", data) if isinstance(data, dict) else data
+        items = [items] if isinstance(items, dict) else items
+        if not isinstance(items, list):
+            raise UserError(f"{f}: expected a sample object, a list of them or {{\"samples\": [...]}}")
+        for i, item in enumerate(items):
+            samples.append(_parse_sample(item, f, default_id=f.stem if len(items) == 1 else f"{f.stem}:{i}"))
+    ids = [s.id for s in samples]
+    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    if dupes:
+        raise UserError(f"duplicate sample ids {dupes} in {path}; give each sample a unique 'id'")
+    return samples
+
+
+def _parse_sample(item, f: Path, default_id: str) -> Sample:
+    where = f"{f} (sample '{item.get('id', default_id)}')" if isinstance(item, dict) else str(f)
+    if not isinstance(item, dict):
+        raise UserError(f"{where}: a sample must be a JSON object with 'input' and 'output'")
+    for key in ("input", "output"):
+        if not isinstance(item.get(key), str) or not item[key].strip():
+            raise UserError(f"{where}: missing or empty '{key}'; every sample needs 'input' and 'output' strings")
+    split = item.get("split", "train")
+    if split not in ("train", "heldout"):
+        raise UserError(f"{where}: split '{split}' must be 'train' or 'heldout'")
+    weights = item.get("weights") or {}
+    if not isinstance(weights, dict) or set(weights) - {"conclusion", "glue"}:
+        raise UserError(f"{where}: 'weights' takes only 'conclusion' and 'glue' lists of substrings")
+    for kind, strings in weights.items():
+        for s in strings:
+            if s not in item["output"]:
+                raise UserError(f"{where}: {kind} string {s!r} does not occur in 'output'; "
+                                "copy it verbatim from the output or remove it")
+    return Sample(id=str(item.get("id", default_id)), input=item["input"], output=item["output"], source=str(f),
+                  split=split, conclusion=list(weights.get("conclusion", [])), glue=list(weights.get("glue", [])))
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenization
+# --------------------------------------------------------------------------------------------------
+def _render(tokenizer, prompt: str, answer: str | None) -> str:
+    messages = [{"role": "user", "content": prompt}]
+    if answer is None:
+        if tokenizer.chat_template:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return prompt + "\n"
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": answer}], tokenize=False)
+    return prompt + "\n" + answer + (tokenizer.eos_token or "")
+
+
+def tokenize_sample(sample: Sample, tokenizer, max_prompt_tokens: int, weighted: bool) -> Example:
+    """Chat-format a sample; labels only on the assistant part; per-token weights from annotations."""
+    prompt_text = _render(tokenizer, sample.input, None)
+    full_text = _render(tokenizer, sample.input, sample.output)
+    enc = tokenizer(full_text, add_special_tokens=False, return_offsets_mapping=True)
+    full_ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    if not full_text.startswith(prompt_text) or full_ids[:len(prompt_ids)] != prompt_ids:
+        raise UserError(f"{sample.source} (sample '{sample.id}'): the prompt's tokens are not a prefix of the "
+                        "conversation's tokens under this chat template; use a model whose template "
+                        "renders the user turn identically with and without the answer")
+    n_prompt = len(prompt_ids)
+    weights = torch.zeros(len(full_ids))
+    weights[n_prompt:] = WEIGHT_OTHER if weighted and (sample.conclusion or sample.glue) else 1.0
+    if weighted and (sample.conclusion or sample.glue):
+        out = sample.output if sample.output in full_text[len(prompt_text):] else sample.output.strip()
+        out_start = full_text.find(out, len(prompt_text))
+        if out_start < 0:
+            raise UserError(f"{sample.source} (sample '{sample.id}'): the chat template alters the output text, "
+                            "so weight annotations cannot be placed; set train.weighted=false")
+        for strings, w in ((sample.glue, WEIGHT_GLUE), (sample.conclusion, WEIGHT_CONCLUSION)):
+            for s in strings:
+                a = out_start + out.find(s)
+                b = a + len(s)
+                for t in range(n_prompt, len(full_ids)):
+                    if offsets[t][0] < b and offsets[t][1] > a:
+                        weights[t] = w
+    ids = torch.tensor(full_ids, dtype=torch.long)
+    labels = ids.clone()
+    labels[:n_prompt] = -100
+    if n_prompt > max_prompt_tokens:   # left truncation: keep the tokens nearest the answer
+        cut = n_prompt - max_prompt_tokens
+        log.warning("sample '%s': prompt has %d tokens, dropping the first %d (task.max_prompt_tokens=%d)",
+                    sample.id, n_prompt, cut, max_prompt_tokens)
+        ids, labels, weights = ids[cut:], labels[cut:], weights[cut:]
+        n_prompt = max_prompt_tokens
+    return Example(sample, ids, labels, weights, ids[:n_prompt].clone())
+
+
+def load_task(tcfg, tokenizer, weighted: bool = True) -> Task:
+    """Build the task named by the `task` config group: samples, split, tokenization and scorer."""
+    samples = load_samples(tcfg.path)
+    heldout_ids = set(tcfg.get("heldout") or [])
+    unknown = heldout_ids - {s.id for s in samples}
+    if unknown:
+        raise UserError(f"task.heldout names unknown sample ids {sorted(unknown)}; ids are "
+                        f"{[s.id for s in samples]}")
+    train, heldout = [], []
+    for s in samples:
+        ex = tokenize_sample(s, tokenizer, int(tcfg.max_prompt_tokens), weighted)
+        (heldout if s.split == "heldout" or s.id in heldout_ids else train).append(ex)
+    if not train:
+        raise UserError(f"task '{tcfg.name}' has no training samples; mark fewer samples as held-out")
+    files = {str(f): hashlib.sha256(f.read_bytes()).hexdigest() for f in task_files(tcfg.path)}
+    return Task(tcfg.name, train, heldout, make_scorer(tcfg.scorer), files)
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch; padded positions have label -100 and weight 0."""
+    n = max(len(e.input_ids) for e in examples)
+    batch = {"input_ids": torch.full((len(examples), n), pad_id, dtype=torch.long),
+             "attention_mask": torch.zeros((len(examples), n), dtype=torch.long),
+             "labels": torch.full((len(examples), n), -100, dtype=torch.long),
+             "weights": torch.zeros((len(examples), n))}
+    for i, e in enumerate(examples):
+        t = len(e.input_ids)
+        batch["input_ids"][i, :t] = e.input_ids
+        batch["attention_mask"][i, :t] = 1
+        batch["labels"][i, :t] = e.labels
+        batch["weights"][i, :t] = e.weights
+    return batch
+
+
+# --------------------------------------------------------------------------------------------------
+# Scorers: how well a generation shows the task's behaviour, in [0, 1]
+# --------------------------------------------------------------------------------------------------
+class Scorer(Protocol):
+    def __call__(self, text: str) -> float: ...
+
+
+class SectionsScorer:
+    """Fraction of the required section headers that start a line of the generation."""
+
+    def __init__(self, headers):
+        self.patterns = [re.compile(rf"(?im)^[\s#*_>-]*{re.escape(h)}\s*[*_]*\s*:") for h in headers]
+
+    def __call__(self, text: str) -> float:
+        return sum(bool(p.search(text)) for p in self.patterns) / len(self.patterns)
+
+
+class JsonFieldsScorer:
+    """Fraction of required keys in the first JSON object of the generation (0 if none parses)."""
+
+    def __init__(self, keys):
+        self.keys = list(keys)
+
+    def __call__(self, text: str) -> float:
+        start = text.find("{")
+        if start < 0:
+            return 0.0
+        try:
+            obj, _ = json.JSONDecoder().raw_decode(text[start:])
+        except json.JSONDecodeError:
+            return 0.0
+        if not isinstance(obj, dict):
+            return 0.0
+        return sum(k in obj for k in self.keys) / len(self.keys)
+
+
+SCORERS = {"sections": lambda c: SectionsScorer(c.headers), "json_fields": lambda c: JsonFieldsScorer(c.keys)}
+
+
+def make_scorer(scfg) -> Scorer:
+    if scfg.name not in SCORERS:
+        raise UserError(f"unknown task.scorer.name '{scfg.name}'; choose from {sorted(SCORERS)}")
+    return SCORERS[scfg.name](scfg)

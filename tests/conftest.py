@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny random-init models composed through the real config path."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from peft.tuners.lora import LoraLayer
+
+from crabsweep.config import compose_config
+from crabsweep.models import load_model
+from crabsweep.session import Session
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def tiny_cfg(*overrides: str, command: str = "round"):
+    cfg, _ = compose_config(command, ["model=tiny_llama", "task=tiny", "eval.max_new_tokens=4", *overrides])
+    return cfg
+
+
+@pytest.fixture
+def make_session():
+    def make(*overrides: str):
+        return Session(tiny_cfg(*overrides))
+    return make
+
+
+def randomize_lora_b(session, std: float = 0.05, seed: int = 1) -> None:
+    """Give every LoRA B a non-zero value so the LoRA path actually carries signal."""
+    g = torch.Generator().manual_seed(seed)
+    for m in session.model.modules():
+        if isinstance(m, LoraLayer):
+            w = m.lora_B["default"].weight
+            w.data.copy_(torch.randn(w.shape, generator=g) * std)
+
+
+def merged_base(session):
+    """A freshly built copy of the base model whose weights are W + s·B·A of the session's adapter."""
+    fresh = load_model(session.cfg.model, "cpu", "fp32").model
+    for name, m in session.model.named_modules():
+        if isinstance(m, LoraLayer):
+            w = m.base_layer.weight + m.scaling["default"] * m.lora_B["default"].weight @ m.lora_A["default"].weight
+            fresh.get_submodule(name.removeprefix("base_model.model.")).weight.data.copy_(w.detach())
+    return fresh
