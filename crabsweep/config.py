@@ -46,8 +46,7 @@ def compose_config(command: str, overrides: list[str]) -> tuple[DictConfig, Path
             del cfg["hydra"]
         OmegaConf.resolve(cfg)
     except (HydraException, OmegaConfBaseException) as e:
-        hint = " (add a new key with +key=value)" if "not in struct" in str(e) else ""
-        raise UserError(f"bad config: {_one_line(e)}{hint}") from e
+        raise UserError(f"bad config: {_one_line(e)}") from e
     finally:
         GlobalHydra.instance().clear()
     OmegaConf.set_readonly(cfg, True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 
 from .models import load_model
-from .tasks import load_task
+from .tasks import load_task, read_task
 from .train import wrap_with_lora
 from .units import make_space
 
@@ -18,8 +18,9 @@ log = logging.getLogger(__name__)
 class Session:
     def __init__(self, cfg):
         self.cfg = cfg
+        samples = read_task(cfg.task)                  # validate the data before the slow model load
         self.loaded = load_model(cfg.model, cfg.device, cfg.dtype, cfg.attn_implementation)
-        self.task = load_task(cfg.task, self.loaded.tokenizer, weighted=bool(cfg.train.weighted))
+        self.task = load_task(cfg.task, self.loaded.tokenizer, bool(cfg.train.weighted), samples)
         self.space = make_space(cfg.suppression, self.loaded)
         self.model = wrap_with_lora(self.loaded.model, cfg.adapter)
         self.space.install(self.model)

@@ -165,22 +165,30 @@ def tokenize_sample(sample: Sample, tokenizer, max_prompt_tokens: int, weighted:
     return Example(sample, ids, labels, weights, ids[:n_prompt].clone())
 
 
-def load_task(tcfg, tokenizer, weighted: bool = True) -> Task:
-    """Build the task named by the `task` config group: samples, split, tokenization and scorer."""
+def read_task(tcfg) -> list[Sample]:
+    """Read and validate the task's samples and split (no tokenizer needed: fails fast)."""
     samples = load_samples(tcfg.path)
     heldout_ids = set(tcfg.get("heldout") or [])
     unknown = heldout_ids - {s.id for s in samples}
     if unknown:
         raise UserError(f"task.heldout names unknown sample ids {sorted(unknown)}; ids are "
                         f"{[s.id for s in samples]}")
-    train, heldout = [], []
     for s in samples:
-        ex = tokenize_sample(s, tokenizer, int(tcfg.max_prompt_tokens), weighted)
-        (heldout if s.split == "heldout" or s.id in heldout_ids else train).append(ex)
-    if not train:
+        if s.id in heldout_ids:
+            s.split = "heldout"
+    if not any(s.split == "train" for s in samples):
         raise UserError(f"task '{tcfg.name}' has no training samples; mark fewer samples as held-out")
+    return samples
+
+
+def load_task(tcfg, tokenizer, weighted: bool = True, samples: list[Sample] | None = None) -> Task:
+    """Build the task named by the `task` config group: samples, split, tokenization and scorer."""
+    samples = read_task(tcfg) if samples is None else samples
+    scorer = make_scorer(tcfg.scorer)
+    examples = [tokenize_sample(s, tokenizer, int(tcfg.max_prompt_tokens), weighted) for s in samples]
     files = {str(f): hashlib.sha256(f.read_bytes()).hexdigest() for f in task_files(tcfg.path)}
-    return Task(tcfg.name, train, heldout, make_scorer(tcfg.scorer), files)
+    return Task(tcfg.name, [e for e in examples if e.sample.split == "train"],
+                [e for e in examples if e.sample.split == "heldout"], scorer, files)
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
