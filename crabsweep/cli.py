@@ -1,7 +1,9 @@
 """`crabsweep <command> [group=option key=value …]`.
 
 Commands:
-  round   one Crab Step round (train with attribution under `round.suppress`), records in the run dir
+  round      one Crab Step round (train with attribution under `round.suppress`), records in the run dir
+  chain      rounds 0..N: each adds the previous round's top-K recruits to the suppressed set; resumable
+  reproduce  `crabsweep reproduce <run dir> [out dir]`: re-run a chain from its saved config and compare
 
 Any problem in the user's input is reported as one line on stderr with exit code 2.
 """
@@ -20,7 +22,8 @@ from rich.table import Table
 from .errors import UserError
 
 log = logging.getLogger("crabsweep")
-USAGE = "usage: crabsweep {round} [group=option key=value ...]"
+USAGE = ("usage: crabsweep {round,chain} [group=option key=value ...] | "
+         "crabsweep reproduce <run dir> [out dir]")
 
 
 def setup_logging(run_dir: Path | None) -> None:
@@ -62,6 +65,66 @@ def cmd_round(overrides: list[str]) -> int:
     return 0
 
 
+def cmd_chain(overrides: list[str]) -> int:
+    import time
+
+    from .chain import run_chain
+    from .config import check_run_dir, compose_config, save_config
+    from .session import Session
+
+    cfg, run_dir = compose_config("chain", overrides)
+    check_run_dir(cfg, run_dir)
+    t0 = time.perf_counter()
+    with _run_dir(run_dir):
+        setup_logging(run_dir)
+        save_config(cfg, overrides, run_dir)
+        chain = run_chain(Session(cfg), run_dir)
+    _print_chain(chain, run_dir, time.perf_counter() - t0)
+    return 0
+
+
+def cmd_reproduce(args: list[str]) -> int:
+    from .reproduce import reproduce
+
+    if not 1 <= len(args) <= 2:
+        raise UserError("reproduce takes a run dir and optionally an output dir: crabsweep reproduce <run dir> [out]")
+    setup_logging(None)
+    report = reproduce(*args)
+    console = Console()
+    if report["fingerprint_difference"]:
+        console.print(f"fingerprints differ: {report['fingerprint_difference']}", markup=False)
+    if report["identical"]:
+        console.print(f"identical: {report['rounds']} rounds, same recruits, losses and generations "
+                      f"(rerun in {report['rerun']})", markup=False)
+        return 0
+    console.print(f"NOT identical; first difference: {report['first_difference']} (rerun in {report['rerun']})",
+                  markup=False)
+    return 1
+
+
+def _print_chain(chain: dict, run_dir: Path, seconds: float) -> None:
+    console = Console(width=max(Console().width, 150))
+    table = Table(title=f"chain ({chain['config']['attribution']}, K={chain['config']['k']['k']}, "
+                        f"{chain['config']['granularity']})")
+    cols = ["r", "|S|", "init", "final", "Δloss", "gap", "gap rnd", "spec", "damage", "collat", "held-out",
+            "top-1", "layers", "score on/off"]
+    for c in cols:
+        table.add_column(c, justify="right")
+    for rec in chain["rounds"]:
+        m = rec["metrics"]
+        table.add_row(str(rec["round"]), str(m["n_suppressed"]), *(_fmt(m.get(k), 3) for k in (
+            "init_loss", "final_loss", "delta_loss", "final_gap", "final_gap_random", "specificity", "damage",
+            "collateral", "heldout_loss")), _fmt(m["top1_score"], 4), str(m["layers_with_recruits"]),
+            f"{_fmt(m['task_score'], 2)}/{_fmt(m['task_score_mask_off'], 2)}")
+    console.print(table)
+    t = chain["trajectory"]
+    console.print(f"trajectory: {t['class']} — {t['reason']}", markup=False)
+    if chain["stopped"]:
+        console.print(f"stopped early: {chain['stopped']}", markup=False)
+    console.print(f"idle units: {chain['idle']['total']} ({chain['idle']['fraction']:.1%}); "
+                  f"{seconds:.0f}s; records: {run_dir}/chain.json, chain.png", markup=False)
+
+
 def _print_round(result, out: Path) -> None:
     console = Console()
     table = Table(title=f"top recruits (round {result.index}, |S|={len(result.suppressed)})")
@@ -75,20 +138,20 @@ def _print_round(result, out: Path) -> None:
             cells.append(f"L{r['unit']['layer']}:{r['unit']['index']}  {r['score']:.4g}" if r else "")
         table.add_row(str(i + 1), *cells)
     console.print(table)
-    m = result.metrics
+    m, t = result.metrics, result.timing
     console.print(f"loss: init {m['init_loss']:.4f} → final {m['final_loss']:.4f} (weighted "
                   f"{m['init_loss_weighted']:.4f} → {m['final_loss_weighted']:.4f}); held-out "
                   f"{_fmt(m['heldout_loss'])}; task score {_fmt(m['task_score'])}")
-    console.print(f"{m['steps']} steps, {m['train_seconds']:.1f}s training ({m['tokens_per_second']:.0f} tok/s), "
-                  f"{m['seconds']:.1f}s round, peak RSS {m['peak_rss_mb']:.0f} MB")
+    console.print(f"{m['steps']} steps, {t['train_seconds']:.1f}s training ({t['tokens_per_second']:.0f} tok/s), "
+                  f"{t['seconds']:.1f}s round, peak RSS {t['peak_rss_mb']:.0f} MB")
     if result.generations:
         g = result.generations[0]
         console.print(f"generation for '{g['id']}' (mask on, score {g['score']:.2f}):\n{g['text']}", markup=False)
     console.print(f"records: {out}")
 
 
-def _fmt(x) -> str:
-    return "n/a" if x is None else f"{x:.4f}"
+def _fmt(x, digits: int = 4) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
 
 
 class _run_dir:
@@ -107,7 +170,7 @@ class _run_dir:
         return False
 
 
-COMMANDS = {"round": cmd_round}
+COMMANDS = {"round": cmd_round, "chain": cmd_chain, "reproduce": cmd_reproduce}
 
 
 def main(argv: list[str] | None = None) -> int:

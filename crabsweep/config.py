@@ -85,5 +85,38 @@ def validate(cfg: DictConfig) -> None:
     _require(int(cfg.task.max_prompt_tokens) >= 1, "task.max_prompt_tokens must be ≥ 1")
     _require(int(cfg.eval.max_new_tokens) >= 0, "eval.max_new_tokens must be ≥ 0")
     _require(int(cfg.eval.batch_size) >= 1, "eval.batch_size must be ≥ 1")
+    c = cfg.chain
+    _require(int(c.rounds) >= 0, f"chain.rounds={c.rounds} must be ≥ 0")
+    _require(c.control in ("last", "every", "none"), f"chain.control={c.control} must be last, every or none")
     s = cfg.suppression
     _require(s.mode in ("zero", "mean", "multiplier"), f"suppression.mode={s.mode} must be zero, mean or multiplier")
+
+
+def first_difference(a, b, path: str = "") -> str | None:
+    """Where two JSON-like values first differ (`key.sub[3]: x != y`), or None if equal."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in list(a) + [k for k in b if k not in a]:
+            if k not in a or k not in b:
+                return f"{path}{k}: only in {'the first' if k in a else 'the second'}"
+            d = first_difference(a[k], b[k], f"{path}{k}.")
+            if d:
+                return d
+        return None
+    if isinstance(a, list) and isinstance(b, list):
+        for i, (x, y) in enumerate(zip(a, b)):
+            d = first_difference(x, y, f"{path.rstrip('.')}[{i}].")
+            if d:
+                return d
+        return None if len(a) == len(b) else f"{path.rstrip('.')}: length {len(a)} != {len(b)}"
+    return None if a == b else f"{path.rstrip('.')}: {a!r} != {b!r}"
+
+
+def check_run_dir(cfg: DictConfig, run_dir: Path) -> None:
+    """A run dir that already holds a config must hold this one (then the command resumes)."""
+    path = run_dir / ".hydra" / "config.yaml"
+    if path.exists():
+        saved = OmegaConf.to_container(OmegaConf.load(path))
+        diff = first_difference(saved, OmegaConf.to_container(cfg))
+        if diff:
+            raise UserError(f"{run_dir} holds a different config ({diff}); use a new hydra.run.dir "
+                            "or the same overrides to resume")

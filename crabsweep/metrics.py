@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from .tasks import Example, Scorer, collate
+import json
+from pathlib import Path
+
+from .errors import UserError
+from .tasks import Example, Sample, Scorer, collate
 from .train import token_losses
 
 
@@ -50,3 +54,26 @@ def generate(model, tokenizer, examples: list[Example], device, max_new_tokens: 
 def score_generations(examples: list[Example], texts: list[str], scorer: Scorer, **extra) -> list[dict]:
     return [{"id": e.sample.id, "prompt": e.sample.input, "text": t, "score": scorer(t), **extra}
             for e, t in zip(examples, texts)]
+
+
+def text_examples(path: str | Path, tokenizer) -> list[Example]:
+    """A generic text set (`{"texts": [...]}`) as plain LM examples: every token but the first is a label."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"generic text set '{path}' does not exist; set eval.collateral_path to a JSON file")
+    out = []
+    for i, text in enumerate(json.loads(path.read_text())["texts"]):
+        ids = torch.tensor(tokenizer(text, add_special_tokens=True)["input_ids"], dtype=torch.long)
+        labels = ids.clone()
+        labels[0] = -100
+        out.append(Example(Sample(f"generic:{i}", "", text, str(path)), ids, labels, torch.ones(len(ids)), ids[:0]))
+    return out
+
+
+@torch.no_grad()
+def base_loss(session, examples: list[Example], suppressed) -> float:
+    """Plain loss of the base model (adapter disabled) under the mask `suppressed`."""
+    cfg, space = session.cfg, session.space
+    space.set_suppression(suppressed, mode=cfg.suppression.mode, scale=float(cfg.suppression.get("scale", 0.0)))
+    with session.model.disable_adapter():
+        return eval_loss(session.model, examples, session.pad_id, session.device, int(cfg.eval.batch_size))["plain"]

@@ -34,14 +34,16 @@ class RoundResult:
     generations: list[dict]
     scores: dict[str, list[torch.Tensor]] = field(repr=False)
     recruits: dict[str, list[dict]] = field(default_factory=dict)   # method → ranked top list
+    timing: dict = field(default_factory=dict)                       # wall-clock facts, not reproducible
 
     def record(self) -> dict:
         return {"round": self.index, "suppressed": [unit_json(u) for u in self.suppressed],
                 "recruits": self.recruits, "metrics": self.metrics, "loss_curve": self.curve,
-                "generations": self.generations}
+                "generations": self.generations, "timing": self.timing}
 
 
-def run_round(session: Session, suppressed: list[Unit], index: int = 0) -> RoundResult:
+def run_round(session: Session, suppressed: list[Unit], index: int = 0, generations: bool = True) -> RoundResult:
+    """Train a fresh adapter under `suppressed`; evaluate; generate (mask on, and off if eval.mask_off)."""
     cfg, task, model, space = session.cfg, session.task, session.model, session.space
     dev, pad = session.device, session.pad_id
     t0 = time.perf_counter()
@@ -61,8 +63,15 @@ def run_round(session: Session, suppressed: list[Unit], index: int = 0) -> Round
 
     final = eval_loss(model, task.train, pad, dev, int(cfg.eval.batch_size))
     heldout = eval_loss(model, task.heldout, pad, dev, int(cfg.eval.batch_size))
-    texts = generate(model, session.tokenizer, task.heldout, dev, int(cfg.eval.max_new_tokens))
-    generations = score_generations(task.heldout, texts, task.scorer, mask="on")
+    gens = []
+    if generations:
+        texts = generate(model, session.tokenizer, task.heldout, dev, int(cfg.eval.max_new_tokens))
+        gens = score_generations(task.heldout, texts, task.scorer, mask="on")
+        if cfg.eval.mask_off and suppressed:
+            space.set_suppression([])
+            texts = generate(model, session.tokenizer, task.heldout, dev, int(cfg.eval.max_new_tokens))
+            gens += score_generations(task.heldout, texts, task.scorer, mask="off")
+            space.set_suppression(suppressed, mode=cfg.suppression.mode, scale=float(cfg.suppression.get("scale", 0.0)))
 
     excluded = set(suppressed)
     scores = recorder.scores(excluded)
@@ -74,14 +83,20 @@ def run_round(session: Session, suppressed: list[Unit], index: int = 0) -> Round
         "init_loss_weighted": init["weighted"], "final_loss_weighted": final["weighted"],
         "heldout_loss": heldout["plain"], "heldout_loss_weighted": heldout["weighted"],
         "train_loss_per_sample": final["per_sample"], "heldout_loss_per_sample": heldout["per_sample"],
-        "task_score": sum(g["score"] for g in generations) / len(generations) if generations else None,
+        "task_score": _mean_score(gens, "on"), "task_score_mask_off": _mean_score(gens, "off"),
         "n_suppressed": len(suppressed), "steps": len(curve), "train_tokens": tokens,
-        "train_seconds": t_train, "tokens_per_second": tokens / t_train if t_train else None,
-        "seconds": time.perf_counter() - t0, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
+    timing = {"train_seconds": t_train, "tokens_per_second": tokens / t_train if t_train else None,
+              "seconds": time.perf_counter() - t0,
+              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     log.info("round %d: |S|=%d init %.4f → final %.4f, held-out %.4f (%.1fs)", index, len(suppressed),
-             metrics["init_loss"], metrics["final_loss"], metrics["heldout_loss"] or float("nan"), metrics["seconds"])
-    return RoundResult(index, list(suppressed), curve, metrics, generations, scores, recruits)
+             metrics["init_loss"], metrics["final_loss"], metrics["heldout_loss"] or float("nan"), timing["seconds"])
+    return RoundResult(index, list(suppressed), curve, metrics, gens, scores, recruits, timing)
+
+
+def _mean_score(gens: list[dict], mask: str) -> float | None:
+    scores = [g["score"] for g in gens if g["mask"] == mask]
+    return sum(scores) / len(scores) if scores else None
 
 
 def save_round(result: RoundResult, session: Session, target: str | Path) -> Path:

@@ -52,7 +52,7 @@ class Task:
     train: list[Example]
     heldout: list[Example]
     scorer: "Scorer"
-    files: dict[str, str]        # file → sha256, for fingerprints
+    files: dict[str, str]        # file name → sha256, for fingerprints
 
 
 # --------------------------------------------------------------------------------------------------
@@ -186,7 +186,7 @@ def load_task(tcfg, tokenizer, weighted: bool = True, samples: list[Sample] | No
     samples = read_task(tcfg) if samples is None else samples
     scorer = make_scorer(tcfg.scorer)
     examples = [tokenize_sample(s, tokenizer, int(tcfg.max_prompt_tokens), weighted) for s in samples]
-    files = {str(f): hashlib.sha256(f.read_bytes()).hexdigest() for f in task_files(tcfg.path)}
+    files = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in task_files(tcfg.path)}
     return Task(tcfg.name, [e for e in examples if e.sample.split == "train"],
                 [e for e in examples if e.sample.split == "heldout"], scorer, files)
 

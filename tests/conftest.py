@@ -44,3 +44,28 @@ def merged_base(session):
             w = m.base_layer.weight + m.scaling["default"] * m.lora_B["default"].weight @ m.lora_A["default"].weight
             fresh.get_submodule(name.removeprefix("base_model.model.")).weight.data.copy_(w.detach())
     return fresh
+
+
+def reload_adapter_loss(adapter_dir, suppressed) -> float:
+    """Plain-PEFT reload of a saved adapter on a fresh tiny base; train loss with `suppressed` zeroed by hand."""
+    from peft import PeftModel
+
+    from crabsweep.metrics import eval_loss
+    from crabsweep.tasks import load_task
+    cfg = tiny_cfg()
+    fresh = load_model(cfg.model, "cpu", "fp32")
+    model = PeftModel.from_pretrained(fresh.model, str(adapter_dir))
+    task = load_task(cfg.task, fresh.tokenizer)
+
+    def zero(idx):
+        def hook(_m, args):
+            x = args[0].clone()
+            x[..., idx] = 0
+            return (x,)
+        return hook
+    layers = fresh.arch.decoder_layers(model)
+    handles = [fresh.arch.down_proj_of(layers[layer]).register_forward_pre_hook(zero(i)) for layer, i in suppressed]
+    loss = eval_loss(model, task.train, fresh.tokenizer.pad_token_id, "cpu")["plain"]
+    for h in handles:
+        h.remove()
+    return loss

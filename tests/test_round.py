@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
-from peft import PeftModel
 
-from crabsweep.metrics import eval_loss
-from crabsweep.models import load_model
 from crabsweep.round import run_round, save_round
 from crabsweep.session import Session
 from crabsweep.units import unit_from_json
 
-from .conftest import tiny_cfg
+from .conftest import reload_adapter_loss, tiny_cfg
 
 
 def _same(a, b):
@@ -51,22 +49,7 @@ def test_round_learns_records_exclude_suppressed_and_adapter_reloads(tmp_path):
     assert record["metrics"]["final_loss"] == m["final_loss"]
 
     # the saved adapter loads with plain PEFT on a fresh base and, under the same mask, gives the same loss
-    fresh = load_model(session.cfg.model, "cpu", "fp32")
-    plain = PeftModel.from_pretrained(fresh.model, str(out / "adapter"))
-    arch = fresh.arch
-
-    def zero(idx):
-        def hook(_m, args):
-            x = args[0].clone()
-            x[..., idx] = 0
-            return (x,)
-        return hook
-    handles = [arch.down_proj_of(arch.decoder_layers(plain)[layer]).register_forward_pre_hook(zero(i))
-               for layer, i in suppressed]
-    reloaded = eval_loss(plain, session.task.train, session.pad_id, "cpu")
-    for h in handles:
-        h.remove()
-    assert abs(reloaded["plain"] - m["final_loss"]) < 1e-5
+    assert reload_adapter_loss(out / "adapter", suppressed) == pytest.approx(m["final_loss"], abs=1e-5)
 
 
 def test_attention_head_units_round():

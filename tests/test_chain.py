@@ -1,0 +1,130 @@
+"""Chains on a tiny model: set algebra, resume, reproduce, saved adapters, user errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import crabsweep.chain as chain_mod
+from crabsweep.cli import main
+from crabsweep.config import first_difference
+from crabsweep.io import read_json
+from crabsweep.reproduce import reproduce
+
+from .conftest import reload_adapter_loss
+
+CHAIN = ["model=tiny_llama", "task=tiny", "eval.max_new_tokens=4", "train.epochs=2", "train.lr=1e-2",
+         "k.k=5", "chain.rounds=3", "chain.control=every"]
+
+
+def _chain(tmp_path, name, *extra):
+    run = tmp_path / name
+    assert main(["chain", *CHAIN, *extra, f"hydra.run.dir={run}"]) == 0
+    return run
+
+
+def _records(run):
+    out = []
+    for r in range(len(list(run.glob("round_*")))):
+        rec = read_json(run / f"round_{r}" / "record.json")
+        rec.pop("timing")
+        out.append(rec)
+    return out
+
+
+def test_each_round_adds_exactly_the_previous_top_k(tmp_path):
+    inv = tmp_path / "inv.json"
+    inv.write_text(json.dumps({"neurons": {"0,3,7": 0.5, "0,9,7": 0.9, "1,2,11": 0.1}}))   # Circuit format
+    run = _chain(tmp_path, "run", f"chain.inventory={inv}")
+    chain = read_json(run / "chain.json")
+    rounds = chain["rounds"]
+    assert len(rounds) == 4
+    unit = lambda d: (d["layer"], d["index"])  # noqa: E731
+    assert {unit(u) for u in rounds[0]["suppressed"]} == {(0, 7), (1, 11)}
+    recruited = []
+    for prev, cur in zip(rounds, rounds[1:]):
+        added = [unit(x["unit"]) for x in prev["recruits"]["selected"]]
+        assert len(added) == 5
+        before = [unit(u) for u in prev["suppressed"]]
+        assert [unit(u) for u in cur["suppressed"]] == before + added        # S_{r+1} = S_r ∪ top-K, in order
+        assert not set(added) & set(before)
+        recruited += added
+    assert len(recruited) == len(set(recruited))                              # nobody is recruited twice
+    for rec in rounds:
+        m = rec["metrics"]
+        assert m["delta_loss"] == pytest.approx(m["init_loss"] - m["final_loss"])
+        assert m["final_gap"] == pytest.approx(m["final_loss"] - rounds[0]["metrics"]["final_loss"])
+        assert {"damage", "collateral", "heldout_loss", "top1_score", "layers_with_recruits"} <= set(m)
+        assert "specificity" in m and (run / f"round_{rec['round']}" / "control" / "record.json").exists()
+        control = read_json(run / f"round_{rec['round']}" / "control" / "record.json")
+        layers = lambda us: sorted(u["layer"] for u in us)  # noqa: E731
+        assert layers(control["suppressed"]) == layers(rec["suppressed"])    # matched per layer
+        assert not {unit(u) for u in control["suppressed"]} & {unit(u) for u in rec["suppressed"]}
+    assert chain["trajectory"]["class"] in {"distributed", "single_point", "multiple_solutions", "exhausting",
+                                            "nonspecific_damage", "infrastructure_damage"}
+    assert chain["idle"]["total"] == 128 - 2 - 15 - 5 and len(chain["idle"]["per_layer"]) == 2
+    assert (run / "chain.png").stat().st_size > 10_000
+    assert chain["fingerprints"]["model"]["weights"]["state_dict"]
+    # every round's adapter loads with plain PEFT and gives the recorded loss under its mask
+    cfg_round = rounds[2]
+    loss = reload_adapter_loss(run / "round_2" / "adapter", [unit(u) for u in cfg_round["suppressed"]])
+    assert loss == pytest.approx(cfg_round["metrics"]["final_loss"], abs=1e-5)
+
+
+def test_killed_chain_resumes_after_last_complete_round(tmp_path, monkeypatch, caplog):
+    whole = _chain(tmp_path, "whole")
+
+    real = chain_mod._control
+
+    def dies_in_round_2(session, r, *args):
+        if r == 2:
+            raise KeyboardInterrupt     # killed while round 2's folder is still staged
+        return real(session, r, *args)
+
+    monkeypatch.setattr(chain_mod, "_control", dies_in_round_2)
+    cut = tmp_path / "cut"
+    assert main(["chain", *CHAIN, f"hydra.run.dir={cut}"]) == 130
+    assert sorted(p.name for p in cut.glob("round_*")) == ["round_0", "round_1"]
+    (cut / ".round_2.tmp-left-by-sigkill").mkdir()            # what a SIGKILL would leave behind
+    (cut / ".round_2.tmp-left-by-sigkill" / "scores.safetensors").write_bytes(b"partial")
+    monkeypatch.setattr(chain_mod, "_control", real)
+    caplog.set_level("INFO")
+    assert main(["chain", *CHAIN, f"hydra.run.dir={cut}"]) == 0
+    assert "resuming" in caplog.text and "after round 1" in caplog.text
+    assert first_difference(_records(whole), _records(cut)) is None
+    a, b = read_json(whole / "chain.json"), read_json(cut / "chain.json")
+    assert first_difference(a["rounds"], b["rounds"]) is None and a["trajectory"] == b["trajectory"]
+
+
+def test_reproduce_gives_identical_records(tmp_path):
+    run = _chain(tmp_path, "run", "chain.rounds=2")
+    report = reproduce(run, tmp_path / "again")
+    assert report["identical"], report["first_difference"]
+    assert report["fingerprint_difference"] is None and report["rounds"] == 3
+    # and a tampered record is reported as the first difference
+    rec = read_json(run / "round_1" / "record.json")
+    rec["loss_curve"][3]["loss"] += 1e-9
+    (run / "round_1" / "record.json").write_text(json.dumps(rec))
+    report = reproduce(run, tmp_path / "again")
+    assert not report["identical"] and report["first_difference"].startswith("[1].loss_curve[3].loss")
+
+
+def _exit2(capsys, argv, match):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert match in err and "Traceback" not in err, err
+
+
+def test_chain_user_errors_exit_2(tmp_path, capsys):
+    _exit2(capsys, ["chain", *CHAIN, "k.k=0", f"hydra.run.dir={tmp_path / 'a'}"], "k.k=0 must be ≥ 1")
+    _exit2(capsys, ["chain", *CHAIN, "k.k=50", f"hydra.run.dir={tmp_path / 'b'}"], "exceeds the 128 units")
+    inv = tmp_path / "inv.json"
+    inv.write_text(json.dumps([{"layer": 0, "index": 999}]))
+    _exit2(capsys, ["chain", *CHAIN, f"chain.inventory={inv}", f"hydra.run.dir={tmp_path / 'c'}"],
+           "(layer 0, index 999) is out of range")
+    run = _chain(tmp_path, "d", "chain.rounds=1")
+    _exit2(capsys, ["chain", *CHAIN, "chain.rounds=1", "k.k=6", f"hydra.run.dir={run}"],
+           "holds a different config (k.k: 5 != 6)")
+    for name in "abc":
+        assert not (tmp_path / name).exists()
