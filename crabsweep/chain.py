@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import platform
+from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 
@@ -25,7 +26,8 @@ from tqdm.auto import tqdm
 from . import io
 from .errors import UserError
 from .metrics import base_loss, text_examples
-from .round import run_round
+from .cache import RoundCache, round_key
+from .round import RoundResult, run_round
 from .selection import check_k, matched_random, select
 from .session import Session
 from .trajectory import classify, idle_audit
@@ -63,7 +65,10 @@ def _stop_reason(ccfg, metrics: dict, rounds: list[dict]) -> str | None:
     return None
 
 
-def run_chain(session: Session, run_dir: str | Path) -> dict:
+def run_chain(session: Session, run_dir: str | Path, cache: RoundCache | None = None, tracker=None,
+              on_round: Callable[[dict], str | None] | None = None) -> dict:
+    """Run (or resume) the chain into `run_dir`. `on_round(record)` may return a reason to stop
+    (the sweep's pruner); `cache` reuses rounds with identical inputs; `tracker` mirrors the records."""
     cfg, space = session.cfg, session.space
     ccfg, run_dir = cfg.chain, Path(run_dir)
     method = cfg.attribution.name
@@ -91,19 +96,22 @@ def run_chain(session: Session, run_dir: str | Path) -> dict:
             rounds.append(rec)
             stopped = _stop_reason(ccfg, rec["metrics"], rounds)
         else:
-            rec, scores = _run_one(session, r, suppressed, rounds, baseline, generic, method)
+            rec, result = _run_one(session, r, suppressed, rounds, baseline, generic, method, cache)
             rounds.append(rec)
             stopped = _stop_reason(ccfg, rec["metrics"], rounds)
             with io.staged_dir(run_dir / f"round_{r}") as tmp:     # appears only when complete
-                io.write_tensors(tmp / "scores.safetensors", {f"{m}.{layer}": t for m, per_layer in scores.items()
-                                                              for layer, t in enumerate(per_layer)})
-                session.model.save_pretrained(str(tmp / "adapter"))
-                control = _control(session, r, suppressed, rounds, stopped is not None or r == n_rounds)
+                io.write_tensors(tmp / "scores.safetensors", result.flat_scores())
+                result.save_adapter(session, tmp / "adapter")
+                control = _control(session, r, suppressed, rounds, stopped is not None or r == n_rounds, cache)
                 if control is not None:
                     io.write_json(tmp / "control" / "record.json", control)
                     rec["metrics"]["final_gap_random"] = control["metrics"]["final_gap"]
                     rec["metrics"]["specificity"] = rec["metrics"]["final_gap"] - control["metrics"]["final_gap"]
                 io.write_json(tmp / "record.json", rec)
+        if tracker is not None:
+            tracker.log_round(rec)
+        if not stopped and on_round is not None:
+            stopped = on_round(rec)
         if stopped:
             log.info("stopping after round %d: %s", r, stopped)
             break
@@ -123,14 +131,30 @@ def run_chain(session: Session, run_dir: str | Path) -> dict:
         "idle": idle_audit(space.sizes, [unit_from_json(u) for u in rounds[-1]["suppressed"]] + selected_last),
         "fingerprints": fingerprints(session),
     }
+    if cache is not None:
+        chain["cache"] = cache.stats()
     io.write_json(run_dir / "chain.json", chain)
+    if tracker is not None:
+        tracker.finish(chain)
     from .plots import plot_chain
     plot_chain(chain, rounds, space.sizes, run_dir / "chain.png")
     return chain
 
 
-def _run_one(session, r, suppressed, rounds, baseline, generic, method) -> tuple[dict, dict]:
-    result = run_round(session, suppressed, r)
+def _round(session, suppressed, r, cache, generations=True) -> RoundResult:
+    """run_round through the cache, when there is one."""
+    if cache is None:
+        return run_round(session, suppressed, r, generations)
+    key = round_key(session, suppressed, generations)
+    result = cache.get(key, r, suppressed)
+    if result is None:
+        result = run_round(session, suppressed, r, generations)
+        cache.put(key, result, session)
+    return result
+
+
+def _run_one(session, r, suppressed, rounds, baseline, generic, method, cache) -> tuple[dict, RoundResult]:
+    result = _round(session, suppressed, r, cache)
     m = result.metrics
     round0_final = rounds[0]["metrics"]["final_loss"] if rounds else m["final_loss"]
     selected = select(result.scores[method], set(suppressed), session.cfg.k, r)
@@ -144,16 +168,17 @@ def _run_one(session, r, suppressed, rounds, baseline, generic, method) -> tuple
     })
     rec = result.record()
     rec["recruits"] = {"method": method, "selected": selected, "top": result.recruits}
-    return rec, result.scores
+    return rec, result
 
 
-def _control(session, r, suppressed, rounds, is_last) -> dict | None:
+def _control(session, r, suppressed, rounds, is_last, cache) -> dict | None:
     """The matched random control for round r, when `chain.control` asks for one and S is non-empty."""
     mode = session.cfg.chain.control
     if not suppressed or mode == "none" or (mode == "last" and not is_last):
         return None
     units = matched_random(suppressed, session.space.sizes, int(session.cfg.seed) * 1000 + r)
-    result = run_round(session, units, r, generations=False)
+    result = _round(session, units, r, cache, generations=False)
+    result.metrics = dict(result.metrics)
     result.metrics["final_gap"] = result.metrics["final_loss"] - rounds[0]["metrics"]["final_loss"]
     rec = result.record()
     rec.pop("recruits")

@@ -4,6 +4,8 @@ Commands:
   round      one Crab Step round (train with attribution under `round.suppress`), records in the run dir
   chain      rounds 0..N: each adds the previous round's top-K recruits to the suppressed set; resumable
   reproduce  `crabsweep reproduce <run dir> [out dir]`: re-run a chain from its saved config and compare
+  sweep      Optuna over whole chains (trials = chains, rounds = intermediate values), W&B per chain
+  report     `crabsweep report <study dir>`: the trials as a table, plots, the optuna-dashboard command
 
 Any problem in the user's input is reported as one line on stderr with exit code 2.
 """
@@ -22,8 +24,8 @@ from rich.table import Table
 from .errors import UserError
 
 log = logging.getLogger("crabsweep")
-USAGE = ("usage: crabsweep {round,chain} [group=option key=value ...] | "
-         "crabsweep reproduce <run dir> [out dir]")
+USAGE = ("usage: crabsweep {round,chain,sweep} [group=option key=value ...] | "
+         "crabsweep reproduce <run dir> [out dir] | crabsweep report <study dir>")
 
 
 def setup_logging(run_dir: Path | None) -> None:
@@ -32,6 +34,9 @@ def setup_logging(run_dir: Path | None) -> None:
     transformers.utils.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", module="peft")
     warnings.filterwarnings("ignore", message=".*generation flags.*")
+    import optuna
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
     root = logging.getLogger("crabsweep")
     root.setLevel(logging.INFO)
@@ -68,9 +73,12 @@ def cmd_round(overrides: list[str]) -> int:
 def cmd_chain(overrides: list[str]) -> int:
     import time
 
+    from omegaconf import OmegaConf
+
     from .chain import run_chain
     from .config import check_run_dir, compose_config, save_config
     from .session import Session
+    from .tracking import make_tracker
 
     cfg, run_dir = compose_config("chain", overrides)
     check_run_dir(cfg, run_dir)
@@ -78,9 +86,65 @@ def cmd_chain(overrides: list[str]) -> int:
     with _run_dir(run_dir):
         setup_logging(run_dir)
         save_config(cfg, overrides, run_dir)
-        chain = run_chain(Session(cfg), run_dir)
+        tracker = make_tracker(cfg, name=run_dir.name, group=cfg.tracker.get("group") or "chains", job_type="chain",
+                               config=OmegaConf.to_container(cfg), directory=Path(cfg.tracker.dir or run_dir),
+                               adapters_from=run_dir)
+        chain = run_chain(Session(cfg), run_dir, tracker=tracker)
     _print_chain(chain, run_dir, time.perf_counter() - t0)
     return 0
+
+
+def cmd_sweep(overrides: list[str]) -> int:
+    import time
+
+    from .config import compose_config, save_config
+    from .sweep import run_worker, spawn_workers, summarize
+
+    cfg, _ = compose_config("sweep", overrides)
+    study_dir = Path(cfg.sweep.dir or f"multirun/{cfg.sweep.study}")
+    setup_logging(study_dir)
+    t0 = time.perf_counter()
+    if cfg.sweep.role == "worker":
+        run_worker(cfg, overrides, study_dir)
+        return 0
+    save_config(cfg, overrides, study_dir)
+    workers = spawn_workers(int(cfg.sweep.workers) - 1, overrides)
+    try:
+        run_worker(cfg, overrides, study_dir)
+    finally:
+        for w in workers:
+            w.wait()
+    summary = summarize(cfg, study_dir, time.perf_counter() - t0)
+    _print_report(study_dir, summary)
+    return 0
+
+
+def cmd_report(args: list[str]) -> int:
+    if len(args) != 1:
+        raise UserError("report takes one study folder: crabsweep report multirun/<study>")
+    setup_logging(None)
+    _print_report(Path(args[0]), None)
+    return 0
+
+
+def _print_report(study_dir: Path, summary: dict | None) -> None:
+    from .report import dashboard_command, write_report
+
+    rep = write_report(study_dir)
+    console = Console(width=max(Console().width, 150))
+    table = Table(title=f"study {rep['meta']['study']} — objective {rep['meta']['objective']}")
+    for c in rep["header"]:
+        table.add_column(str(c))
+    for row in rep["table"]:
+        table.add_row(*map(str, row))
+    console.print(table)
+    if summary is not None:
+        console.print(f"best trial: {summary['best_trial']}; states: {summary['states']}; round cache: "
+                      f"{summary['cache']['hits']} hits / {summary['cache']['misses']} misses; "
+                      f"{summary['seconds']:.0f}s", markup=False)
+    console.print(f"report: {study_dir}/report.md, report.csv, {', '.join(p.name for p in rep['images'].values())}",
+                  markup=False)
+    console.print(f"dashboard: {dashboard_command(rep['meta'])}", markup=False)
 
 
 def cmd_reproduce(args: list[str]) -> int:
@@ -170,7 +234,8 @@ class _run_dir:
         return False
 
 
-COMMANDS = {"round": cmd_round, "chain": cmd_chain, "reproduce": cmd_reproduce}
+COMMANDS = {"round": cmd_round, "chain": cmd_chain, "reproduce": cmd_reproduce, "sweep": cmd_sweep,
+            "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,15 +42,17 @@ def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
 
 
 @contextmanager
-def staged_dir(target: str | Path):
-    """Yield a temp folder beside `target`; on success it replaces `target` in one rename."""
+def staged_dir(target: str | Path, replace: bool = True):
+    """Yield a temp folder beside `target`; on success it becomes `target` in one rename.
+
+    With replace=False an existing `target` is kept and the rename raises OSError instead."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     os.chmod(tmp, 0o777 & ~_UMASK)   # mkdtemp makes 0700; a finished folder gets the usual mode
     try:
         yield tmp
-        if target.exists():
+        if replace and target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
     finally:

@@ -24,7 +24,7 @@ def plot_chain(chain: dict, rounds: list[dict], sizes: list[int], path: str | Pa
         for x in rec["recruits"]["selected"]:
             heat[i, x["unit"]["layer"]] += 1
     im = ax[0, 1].imshow(heat, aspect="auto", cmap="viridis", interpolation="nearest")
-    ax[0, 1].set(title="recruits per layer", xlabel="layer", ylabel="round")
+    ax[0, 1].set(title="recruits per layer", xlabel="layer", ylabel="round", yticks=range(len(rounds)))
     fig.colorbar(im, ax=ax[0, 1])
 
     idx = [rec["round"] for rec in rounds]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import resource
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,16 @@ class RoundResult:
     scores: dict[str, list[torch.Tensor]] = field(repr=False)
     recruits: dict[str, list[dict]] = field(default_factory=dict)   # method → ranked top list
     timing: dict = field(default_factory=dict)                       # wall-clock facts, not reproducible
+    adapter_dir: Path | None = None      # where the adapter lives when it is not the live model's (cache)
+
+    def flat_scores(self) -> dict[str, torch.Tensor]:
+        return {f"{m}.{layer}": t for m, per_layer in self.scores.items() for layer, t in enumerate(per_layer)}
+
+    def save_adapter(self, session: Session, dst: Path) -> None:
+        if self.adapter_dir is not None:
+            shutil.copytree(self.adapter_dir, dst)
+        else:
+            session.model.save_pretrained(str(dst))
 
     def record(self) -> dict:
         return {"round": self.index, "suppressed": [unit_json(u) for u in self.suppressed],
@@ -64,7 +75,7 @@ def run_round(session: Session, suppressed: list[Unit], index: int = 0, generati
     final = eval_loss(model, task.train, pad, dev, int(cfg.eval.batch_size))
     heldout = eval_loss(model, task.heldout, pad, dev, int(cfg.eval.batch_size))
     gens = []
-    if generations:
+    if generations and int(cfg.eval.max_new_tokens) > 0:
         texts = generate(model, session.tokenizer, task.heldout, dev, int(cfg.eval.max_new_tokens))
         gens = score_generations(task.heldout, texts, task.scorer, mask="on")
         if cfg.eval.mask_off and suppressed:
@@ -103,8 +114,7 @@ def save_round(result: RoundResult, session: Session, target: str | Path) -> Pat
     """Write record.json, scores.safetensors and the PEFT adapter; the folder appears only when complete."""
     target = Path(target)
     with io.staged_dir(target) as tmp:
-        io.write_tensors(tmp / "scores.safetensors",
-                         {f"{m}.{layer}": t for m, per_layer in result.scores.items() for layer, t in enumerate(per_layer)})
-        session.model.save_pretrained(str(tmp / "adapter"))
+        io.write_tensors(tmp / "scores.safetensors", result.flat_scores())
+        result.save_adapter(session, tmp / "adapter")
         io.write_json(tmp / "record.json", result.record())
     return target

@@ -5,7 +5,10 @@ Rounds never reload the model: each resets the adapter in place and swaps the su
 
 from __future__ import annotations
 
+import json
 import logging
+
+from omegaconf import OmegaConf
 
 from .models import load_model
 from .tasks import load_task, read_task
@@ -26,6 +29,14 @@ class Session:
         self.space.install(self.model)
         log.info("task %s: %d train / %d held-out samples; %d %s units", self.task.name, len(self.task.train),
                  len(self.task.heldout), self.space.n_units, self.space.name)
+
+    @staticmethod
+    def structure_key(cfg) -> str:
+        """What a Session is built from; configs that agree on it can share one (the rest swaps in)."""
+        parts = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "task", "adapter")}
+        parts.update(granularity=cfg.suppression.granularity, weighted=bool(cfg.train.weighted), device=cfg.device,
+                     dtype=cfg.dtype, attn=cfg.attn_implementation)
+        return json.dumps(parts, sort_keys=True)
 
     @property
     def tokenizer(self):

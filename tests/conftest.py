@@ -16,7 +16,8 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
 def tiny_cfg(*overrides: str, command: str = "round"):
-    cfg, _ = compose_config(command, ["model=tiny_llama", "task=tiny", "eval.max_new_tokens=4", *overrides])
+    cfg, _ = compose_config(command, ["model=tiny_llama", "task=tiny", "eval.max_new_tokens=4", "tracker=none",
+                                      *overrides])
     return cfg
 
 

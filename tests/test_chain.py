@@ -14,7 +14,7 @@ from crabsweep.reproduce import reproduce
 
 from .conftest import reload_adapter_loss
 
-CHAIN = ["model=tiny_llama", "task=tiny", "eval.max_new_tokens=4", "train.epochs=2", "train.lr=1e-2",
+CHAIN = ["model=tiny_llama", "task=tiny", "eval.max_new_tokens=4", "tracker=none", "train.epochs=2", "train.lr=1e-2",
          "k.k=5", "chain.rounds=3", "chain.control=every"]
 
 
