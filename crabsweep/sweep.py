@@ -64,6 +64,14 @@ def make_storage(url: str):
                         "reachable RDB URL such as postgresql://user:pass@host/db") from e
 
 
+class GridSampler(optuna.samplers.BruteForceSampler):
+    """BruteForceSampler for ask/tell: its `after_trial` calls `study.stop()` once the grid is exhausted,
+    which Optuna allows only inside `optimize()`; here the sweep's global cap ends the study."""
+
+    def after_trial(self, study, trial, state, values) -> None:
+        pass
+
+
 def make_sampler(scfg, params: dict):
     name, seed = scfg.sampler.name, scfg.sampler.get("seed", 0)
     if name == "tpe":
@@ -71,7 +79,7 @@ def make_sampler(scfg, params: dict):
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "bruteforce":
-        return optuna.samplers.BruteForceSampler(seed=seed)
+        return GridSampler(seed=seed)
     if name == "cmaes":
         if any(spec["type"] == "categorical" for spec in params.values()):
             raise UserError("sweep.sampler=cmaes needs a numeric search space (int/float params only); "
@@ -210,10 +218,10 @@ def fail_stale_trials(study, grace: float, max_retry: int) -> list[int]:
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if _is_stale(t, grace):
             try:
+                study._storage.set_trial_system_attr(t._trial_id, "fail_reason", "worker died (stale heartbeat)")
                 study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
             except optuna.exceptions.UpdateFinishedTrialError:
                 continue
-            study._storage.set_trial_system_attr(t._trial_id, "fail_reason", "worker died (stale heartbeat)")
             log.warning("trial %d: its worker died; failed it and queued a re-run", t.number)
             retry(study, study._storage.get_trial(t._trial_id))
             failed.append(t.number)
