@@ -121,7 +121,7 @@ def run_chain(session: Session, run_dir: str | Path, cache: RoundCache | None = 
     selected_last = [unit_from_json(x["unit"]) for x in rounds[-1]["recruits"]["selected"]]
     chain = {
         "config": {"rounds": n_rounds, "k": OmegaConf.to_container(cfg.k), "attribution": method,
-                   "granularity": space.name, "control": ccfg.control,
+                   "granularity": space.name, "control": ccfg.control, "group": getattr(tracker, "group", None),
                    "inventory": [unit_json(u) for u in inventory]},
         "baseline": baseline,
         "rounds": [{k: rec[k] for k in ("round", "suppressed", "recruits", "metrics", "generations")}

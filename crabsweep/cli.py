@@ -6,6 +6,7 @@ Commands:
   reproduce  `crabsweep reproduce <run dir> [out dir]`: re-run a chain from its saved config and compare
   sweep      Optuna over whole chains (trials = chains, rounds = intermediate values), W&B per chain
   report     `crabsweep report <study dir>`: the trials as a table, plots, the optuna-dashboard command
+  ensemble   `crabsweep ensemble <chain dir> [ensemble.key=value …]`: combine round adapters; study weights
 
 Any problem in the user's input is reported as one line on stderr with exit code 2.
 """
@@ -25,7 +26,8 @@ from .errors import UserError
 
 log = logging.getLogger("crabsweep")
 USAGE = ("usage: crabsweep {round,chain,sweep} [group=option key=value ...] | "
-         "crabsweep reproduce <run dir> [out dir] | crabsweep report <study dir>")
+         "crabsweep reproduce <run dir> [out dir] | crabsweep report <study dir> | "
+         "crabsweep ensemble <chain dir> [overrides]")
 
 
 def setup_logging(run_dir: Path | None) -> None:
@@ -124,6 +126,53 @@ def cmd_report(args: list[str]) -> int:
         raise UserError("report takes one study folder: crabsweep report multirun/<study>")
     setup_logging(None)
     _print_report(Path(args[0]), None)
+    return 0
+
+
+def cmd_ensemble(args: list[str]) -> int:
+    from omegaconf import OmegaConf
+
+    from .config import compose_config
+    from .ensemble import Ensembler, study_weights
+    from .io import read_json
+    from .tracking import make_tracker
+
+    if not args or "=" in args[0]:
+        raise UserError("ensemble takes a chain folder first: crabsweep ensemble <chain dir> [ensemble.key=value ...]")
+    chain_dir, overrides = Path(args[0]), args[1:]
+    if not chain_dir.is_dir():
+        raise UserError(f"chain folder '{chain_dir}' does not exist; pass the run dir of a `crabsweep chain`")
+    cfg, _ = compose_config("ensemble", overrides)
+    e = cfg.ensemble
+    ens = Ensembler(chain_dir, e)                                  # validates rounds, suppression, combination
+    weights = ens.check_weights(e.weights if e.weights is not None else [1.0] * len(ens.rounds))
+    setup_logging(chain_dir / "ensemble")
+    ens.load()
+    console = Console(width=max(Console().width, 120))
+    chain = chain_dir / "chain.json"
+    group = (read_json(chain)["config"].get("group") if chain.exists() else None) or "chains"
+    tracker = make_tracker(cfg, name=f"{chain_dir.name}-ensemble", group=group, job_type="ensemble",
+                           config=OmegaConf.to_container(e), directory=Path(cfg.tracker.dir or chain_dir / "ensemble"))
+    if e.study:
+        summary = study_weights(ens, tracker)
+        tracker.finish(None)
+        best = summary["best"]
+        console.print(f"best of {summary['evaluations']} evaluations ({best['kind']}): weights {best['weights']}; "
+                      f"held-out loss {best['heldout_loss']:.4f}, task score {best['task_score']:.2f}, "
+                      f"degeneracy {best['degeneracy']:.3f}", markup=False)
+        console.print("single rounds' " + e.objective.metric + ": " + ", ".join(
+            f"round {r}: {v:.4f}" for r, v in summary["single_rounds"].items()), markup=False)
+        weights = [best["weights"][str(r)] for r in ens.rounds]
+    else:
+        result = ens.evaluate(weights)
+        tracker.log_evaluation({"kind": "weights", **result}, 0)
+        tracker.finish(None)
+        console.print(f"{e.combination} ensemble of rounds {ens.rounds} with weights {weights}: held-out loss "
+                      f"{result['heldout_loss']:.4f}, task score {result['task_score']:.2f}, degeneracy "
+                      f"{result['degeneracy']:.3f}", markup=False)
+        console.print(f"generation: {result['texts'][0]}", markup=False)
+    if e.save:
+        console.print(f"saved the ensemble as a PEFT adapter: {ens.save(weights, e.save)}", markup=False)
     return 0
 
 
@@ -235,7 +284,7 @@ class _run_dir:
 
 
 COMMANDS = {"round": cmd_round, "chain": cmd_chain, "reproduce": cmd_reproduce, "sweep": cmd_sweep,
-            "report": cmd_report}
+            "report": cmd_report, "ensemble": cmd_ensemble}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,7 +26,12 @@ class Tracker(Protocol):
 
 
 class NullTracker:
+    group = None
+
     def log_round(self, rec: dict) -> None:
+        pass
+
+    def log_evaluation(self, row: dict, index: int) -> None:
         pass
 
     def finish(self, chain: dict | None, state: str = "finished") -> None:
@@ -42,10 +47,11 @@ class WandbTracker:
 
     def __init__(self, tcfg, *, name: str, group: str, job_type: str, config: dict, directory: Path,
                  adapters_from: Path | None = None):
-        self.tcfg, self.adapters_from = tcfg, adapters_from
+        self.tcfg, self.adapters_from, self.group = tcfg, adapters_from, group
         self.run = None
         self.recruit_rows: list[list] = []
         self.generation_rows: list[list] = []
+        self.evaluation_rows: list[list] = []
         self.step = 0
         self._guard(self._start, name, group, job_type, config, directory)
 
@@ -72,6 +78,8 @@ class WandbTracker:
         self.run.define_metric("round/*", step_metric="round")
         self.run.define_metric("train/step")
         self.run.define_metric("train/*", step_metric="train/step")
+        self.run.define_metric("ensemble/eval")
+        self.run.define_metric("ensemble/*", step_metric="ensemble/eval")
 
     # -- chains --------------------------------------------------------------------------------------
     def log_round(self, rec: dict) -> None:
@@ -97,15 +105,27 @@ class WandbTracker:
             art.add_dir(str(self.adapters_from / f"round_{r}" / "adapter"))
             self.run.log_artifact(art)
 
+    # -- ensembles -----------------------------------------------------------------------------------
+    def log_evaluation(self, row: dict, index: int) -> None:
+        self._guard(self._log_evaluation, row, index)
+
+    def _log_evaluation(self, row: dict, index: int) -> None:
+        weights = {f"ensemble/w_round{r}": w for r, w in row["weights"].items()}
+        self.run.log({"ensemble/eval": index, **_scalars(row, "ensemble/"), **weights})
+        self.evaluation_rows.append([index, row["kind"], str(row["weights"]), row["heldout_loss"], row["task_score"],
+                                     row["degeneracy"], row["texts"][0] if row["texts"] else ""])
+
     def finish(self, chain: dict | None, state: str = "finished") -> None:
         self._guard(self._finish, chain, state)
 
     def _finish(self, chain: dict | None, state: str) -> None:
         import wandb
-        self.run.log({"recruits": wandb.Table(columns=["round", "layer", "index", "score", "method", "selected"],
-                                              data=self.recruit_rows),
-                      "generations": wandb.Table(columns=["round", "id", "prompt", "text", "mask", "task_score"],
-                                                 data=self.generation_rows)})
+        tables = {
+            "recruits": (["round", "layer", "index", "score", "method", "selected"], self.recruit_rows),
+            "generations": (["round", "id", "prompt", "text", "mask", "task_score"], self.generation_rows),
+            "evaluations": (["eval", "kind", "weights", "heldout_loss", "task_score", "degeneracy", "first_text"],
+                            self.evaluation_rows)}
+        self.run.log({name: wandb.Table(columns=cols, data=rows) for name, (cols, rows) in tables.items() if rows})
         if chain is not None:
             self.run.summary["trajectory"] = chain["trajectory"]["class"]
             self.run.summary["trajectory_reason"] = chain["trajectory"]["reason"]
