@@ -32,7 +32,7 @@ from .selection import check_k, matched_random, select
 from .session import Session
 from .trajectory import classify, idle_audit
 from .units import Unit, unit_from_json, unit_json
-from .unitsets import load_units
+from .unitsets import load_units, save_units
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def run_chain(session: Session, run_dir: str | Path, cache: RoundCache | None = 
     inventory = load_units(ccfg.inventory) if ccfg.inventory else []
     space.check(inventory, "chain.inventory unit")
     n_rounds = int(ccfg.rounds)
-    check_k(cfg.k, space.n_units, len(inventory), n_rounds)
+    check_k(cfg.k, space.sizes, len(inventory), n_rounds)
 
     generic = text_examples(cfg.eval.collateral_path, session.tokenizer)
     baseline = {"train_loss": base_loss(session, session.task.train, []),
@@ -131,6 +131,11 @@ def run_chain(session: Session, run_dir: str | Path, cache: RoundCache | None = 
         "idle": idle_audit(space.sizes, [unit_from_json(u) for u in rounds[-1]["suppressed"]] + selected_last),
         "fingerprints": fingerprints(session),
     }
+    final = [unit_from_json(u) for u in rounds[-1]["suppressed"]] + selected_last
+    scores = {unit_from_json(x["unit"]): x["score"] for rec in rounds for x in rec["recruits"]["selected"]}
+    save_units(run_dir / "units.json", final, space.name)
+    if space.name == "mlp_neuron":
+        save_units(run_dir / "units.circuit.json", final, space.name, scores, fmt="circuit")
     if cache is not None:
         chain["cache"] = cache.stats()
     io.write_json(run_dir / "chain.json", chain)
@@ -157,7 +162,8 @@ def _run_one(session, r, suppressed, rounds, baseline, generic, method, cache) -
     result = _round(session, suppressed, r, cache)
     m = result.metrics
     round0_final = rounds[0]["metrics"]["final_loss"] if rounds else m["final_loss"]
-    selected = select(result.scores[method], set(suppressed), session.cfg.k, r)
+    selected = select(result.scores[method], set(suppressed), session.cfg.k, r,
+                      session.cfg.attribution.get("normalize", "none"))
     m.update({
         "delta_loss": m["init_loss"] - m["final_loss"],
         "final_gap": m["final_loss"] - round0_final,

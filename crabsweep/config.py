@@ -88,8 +88,20 @@ def validate(cfg: DictConfig) -> None:
     c = cfg.chain
     _require(int(c.rounds) >= 0, f"chain.rounds={c.rounds} must be ≥ 0")
     _require(c.control in ("last", "every", "none"), f"chain.control={c.control} must be last, every or none")
-    s = cfg.suppression
-    _require(s.mode in ("zero", "mean", "multiplier"), f"suppression.mode={s.mode} must be zero, mean or multiplier")
+    from .attribution import POSTHOC, STREAMED
+    from .units import SPACES
+    s, a = cfg.suppression, cfg.attribution
+    _require(s.granularity in SPACES, f"suppression.granularity={s.granularity} is unknown; choose from {sorted(SPACES)}")
+    space = SPACES[s.granularity]
+    _require(a.name in STREAMED + POSTHOC, f"attribution={a.name} is unknown; choose from {STREAMED + POSTHOC}")
+    _require(a.name in space.supports, f"attribution={a.name} is not defined for suppression={s.granularity}; "
+                                       f"choose one of {', '.join(space.supports)}")
+    _require(s.mode in space.modes, f"suppression.mode={s.mode} is not defined for suppression={s.granularity}; "
+                                    f"choose one of {', '.join(space.modes)}")
+    _require(a.get("normalize", "none") in ("none", "layer_zscore"),
+             f"attribution.normalize={a.get('normalize')} must be none or layer_zscore")
+    if a.name == "integrated_gradients":
+        _require(int(a.n_steps) >= 1, f"attribution.n_steps={a.n_steps} must be ≥ 1")
 
 
 def first_difference(a, b, path: str = "") -> str | None:

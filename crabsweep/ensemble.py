@@ -69,9 +69,7 @@ class Ensembler:
             self.session = Session(load_saved_config(self.chain_dir))
         for r in self.rounds:
             self.session.model.load_adapter(str(self.chain_dir / f"round_{r}" / "adapter"), adapter_name=f"round_{r}")
-        cfg = self.session.cfg
-        self.session.space.set_suppression(self.units, mode=cfg.suppression.mode,
-                                           scale=float(cfg.suppression.get("scale", 0.0)))
+        self.session.apply_suppression(self.units)
         self.n_suppressed = len(self.units)
         return self
 

@@ -73,7 +73,7 @@ def text_examples(path: str | Path, tokenizer) -> list[Example]:
 @torch.no_grad()
 def base_loss(session, examples: list[Example], suppressed) -> float:
     """Plain loss of the base model (adapter disabled) under the mask `suppressed`."""
-    cfg, space = session.cfg, session.space
-    space.set_suppression(suppressed, mode=cfg.suppression.mode, scale=float(cfg.suppression.get("scale", 0.0)))
+    cfg = session.cfg
+    session.apply_suppression(suppressed)
     with session.model.disable_adapter():
         return eval_loss(session.model, examples, session.pad_id, session.device, int(cfg.eval.batch_size))["plain"]

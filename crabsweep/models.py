@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from .device import resolve_device, resolve_dtype
@@ -270,7 +271,7 @@ def _build_tiny(mcfg, dt, attn):
     tok = byte_tokenizer()
     config_cls = getattr(transformers, mcfg.config_class)
     model_cls = getattr(transformers, mcfg.model_class)
-    kwargs = dict(mcfg.config)
+    kwargs = OmegaConf.to_container(mcfg.config, resolve=True)
     config = config_cls(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                         eos_token_id=tok.eos_token_id, **kwargs)
     config._attn_implementation = attn

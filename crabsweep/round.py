@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 
 from . import io
-from .attribution import Recorder, rank
+from .attribution import Recorder, cna, integrated_gradients, rank
 from .metrics import eval_loss, generate, score_generations
+from .relp import relp_scores
 from .session import Session
 from .train import reset_adapter, train
 from .units import Unit, unit_json
@@ -58,7 +59,7 @@ def run_round(session: Session, suppressed: list[Unit], index: int = 0, generati
     cfg, task, model, space = session.cfg, session.task, session.model, session.space
     dev, pad = session.device, session.pad_id
     t0 = time.perf_counter()
-    space.set_suppression(suppressed, mode=cfg.suppression.mode, scale=float(cfg.suppression.get("scale", 0.0)))
+    session.apply_suppression(suppressed)
     reset_adapter(model, int(cfg.seed))
     init = eval_loss(model, task.train, pad, dev, int(cfg.eval.batch_size))   # B = 0: base + mask
 
@@ -74,6 +75,8 @@ def run_round(session: Session, suppressed: list[Unit], index: int = 0, generati
 
     final = eval_loss(model, task.train, pad, dev, int(cfg.eval.batch_size))
     heldout = eval_loss(model, task.heldout, pad, dev, int(cfg.eval.batch_size))
+    scores = recorder.scores(set(suppressed))
+    extra = posthoc_scores(session, scores)
     gens = []
     if generations and int(cfg.eval.max_new_tokens) > 0:
         texts = generate(model, session.tokenizer, task.heldout, dev, int(cfg.eval.max_new_tokens))
@@ -82,10 +85,12 @@ def run_round(session: Session, suppressed: list[Unit], index: int = 0, generati
             space.set_suppression([])
             texts = generate(model, session.tokenizer, task.heldout, dev, int(cfg.eval.max_new_tokens))
             gens += score_generations(task.heldout, texts, task.scorer, mask="off")
-            space.set_suppression(suppressed, mode=cfg.suppression.mode, scale=float(cfg.suppression.get("scale", 0.0)))
+            session.apply_suppression(suppressed)
 
     excluded = set(suppressed)
-    scores = recorder.scores(excluded)
+    for per_layer in scores.values():      # suppressed units never rank (post-hoc methods included)
+        for layer, unit in excluded:
+            per_layer[layer][unit] = 0.0
     top = int(cfg.round.top)
     recruits = {m: rank(s, excluded, top) for m, s in scores.items()}
     tokens = sum(len(e.input_ids) for e in task.train) * int(cfg.train.epochs)
@@ -95,7 +100,7 @@ def run_round(session: Session, suppressed: list[Unit], index: int = 0, generati
         "heldout_loss": heldout["plain"], "heldout_loss_weighted": heldout["weighted"],
         "train_loss_per_sample": final["per_sample"], "heldout_loss_per_sample": heldout["per_sample"],
         "task_score": _mean_score(gens, "on"), "task_score_mask_off": _mean_score(gens, "off"),
-        "n_suppressed": len(suppressed), "steps": len(curve), "train_tokens": tokens,
+        "n_suppressed": len(suppressed), "steps": len(curve), "train_tokens": tokens, **extra,
     }
     timing = {"train_seconds": t_train, "tokens_per_second": tokens / t_train if t_train else None,
               "seconds": time.perf_counter() - t0,
@@ -103,6 +108,23 @@ def run_round(session: Session, suppressed: list[Unit], index: int = 0, generati
     log.info("round %d: |S|=%d init %.4f → final %.4f, held-out %.4f (%.1fs)", index, len(suppressed),
              metrics["init_loss"], metrics["final_loss"], metrics["heldout_loss"] or float("nan"), timing["seconds"])
     return RoundResult(index, list(suppressed), curve, metrics, gens, scores, recruits, timing)
+
+
+def posthoc_scores(session: Session, scores: dict) -> dict:
+    """Add the ranking method's scores when it needs its own pass after training; return its metrics."""
+    acfg = session.cfg.attribution
+    if acfg.name == "integrated_gradients":
+        signed, check = integrated_gradients(session, int(acfg.get("n_steps", 8)))
+        scores["integrated_gradients"] = [t.abs() for t in signed]
+        if check["ratio"] is not None and abs(check["ratio"] - 1) > 0.05:
+            log.warning("integrated gradients completeness %.3f is off by more than 5%%; raise "
+                        "attribution.n_steps", check["ratio"])
+        return {"ig_completeness": check}
+    if acfg.name == "cna":
+        scores["cna"] = cna(session, acfg)
+    elif acfg.name == "relp":
+        scores["relp"] = relp_scores(session)
+    return {}
 
 
 def _mean_score(gens: list[dict], mask: str) -> float | None:

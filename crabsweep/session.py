@@ -27,6 +27,7 @@ class Session:
         self.space = make_space(cfg.suppression, self.loaded)
         self.model = wrap_with_lora(self.loaded.model, cfg.adapter)
         self.space.install(self.model)
+        self._means = None
         log.info("task %s: %d train / %d held-out samples; %d %s units", self.task.name, len(self.task.train),
                  len(self.task.heldout), self.space.n_units, self.space.name)
 
@@ -37,6 +38,15 @@ class Session:
         parts.update(granularity=cfg.suppression.granularity, weighted=bool(cfg.train.weighted), device=cfg.device,
                      dtype=cfg.dtype, attn=cfg.attn_implementation)
         return json.dumps(parts, sort_keys=True)
+
+    def apply_suppression(self, units) -> None:
+        """Suppress `units` with the configured mode (zero / mean / multiplier) from now on."""
+        s = self.cfg.suppression
+        if s.mode == "mean" and self._means is None:
+            from .attribution import unit_means
+            self._means = unit_means(self)
+        self.space.set_suppression(units, mode=s.mode, scale=float(s.get("scale", 0.0)),
+                                   means=self._means if s.mode == "mean" else None)
 
     @property
     def tokenizer(self):

@@ -24,9 +24,15 @@ log = logging.getLogger(__name__)
 
 
 def wrap_with_lora(model, acfg):
-    """PEFT-wrap the base model once; rounds then reset the adapter in place."""
+    """PEFT-wrap the base model once; rounds then reset the adapter in place.
+
+    Fused MoE experts get no LoRA: for transformers-5 MoE models PEFT turns MLP target names into
+    parameter-LoRA on the fused experts, which would bypass the expert masks; attention keeps its LoRA."""
+    targets = list(acfg.target_modules)
+    if any(name.endswith(".experts") for name, _ in model.named_modules()):
+        targets = [t for t in targets if t not in ("gate_proj", "up_proj", "down_proj")]
     config = LoraConfig(r=int(acfg.r), lora_alpha=float(acfg.alpha), lora_dropout=float(acfg.dropout),
-                        target_modules=list(acfg.target_modules), bias="none", task_type="CAUSAL_LM")
+                        target_modules=targets, bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, config)
 
 
@@ -60,7 +66,7 @@ def token_losses(model, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor
 def train(model, examples: list[Example], tcfg, pad_id: int, device, seed: int, on_step_end=None,
           desc: str = "train") -> list[dict]:
     """Train the (already reset) adapter; call `on_step_end()` after each backward. Returns the loss curve."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]   # only the adapter
     opt = torch.optim.AdamW(params, lr=float(tcfg.lr))
     bs = int(tcfg.batch_size)
     steps_per_epoch = math.ceil(len(examples) / bs)
@@ -83,7 +89,7 @@ def train(model, examples: list[Example], tcfg, pad_id: int, device, seed: int, 
             lr = sched.get_last_lr()[0]
             opt.step()
             sched.step()
-            opt.zero_grad(set_to_none=True)
+            model.zero_grad(set_to_none=True)     # also probe gradients (MoE expert weights)
             curve.append({"step": len(curve), "epoch": epoch, "loss": loss.item(), "loss_weighted": weighted.item(),
                           "loss_plain": plain.item(), "lr": lr})
             bar.update()

@@ -11,6 +11,7 @@ from crabsweep.cli import main
 from crabsweep.config import first_difference
 from crabsweep.io import read_json
 from crabsweep.reproduce import reproduce
+from crabsweep.unitsets import load_units
 
 from .conftest import reload_adapter_loss
 
@@ -39,7 +40,8 @@ def test_each_round_adds_exactly_the_previous_top_k(tmp_path):
     run = _chain(tmp_path, "run", f"chain.inventory={inv}")
     chain = read_json(run / "chain.json")
     rounds = chain["rounds"]
-    assert len(rounds) == 4
+    assert [rec["round"] for rec in rounds] == [0, 1, 2, 3]
+    assert [read_json(run / f"round_{r}" / "record.json")["round"] for r in range(4)] == [0, 1, 2, 3]
     unit = lambda d: (d["layer"], d["index"])  # noqa: E731
     assert {unit(u) for u in rounds[0]["suppressed"]} == {(0, 7), (1, 11)}
     recruited = []
@@ -65,6 +67,9 @@ def test_each_round_adds_exactly_the_previous_top_k(tmp_path):
                                             "nonspecific_damage", "infrastructure_damage"}
     assert chain["idle"]["total"] == 128 - 2 - 15 - 5 and len(chain["idle"]["per_layer"]) == 2
     assert (run / "chain.png").stat().st_size > 10_000
+    final = [unit(u) for u in rounds[3]["suppressed"]] + [unit(x["unit"]) for x in rounds[3]["recruits"]["selected"]]
+    assert load_units(run / "units.json") == final                              # export → import round trip
+    assert set(load_units(run / "units.circuit.json")) == set(final)
     assert chain["fingerprints"]["model"]["weights"]["state_dict"]
     # every round's adapter loads with plain PEFT and gives the recorded loss under its mask
     cfg_round = rounds[2]
