@@ -118,6 +118,11 @@ def _objective(session, batch):
     return weighted if session.cfg.train.weighted else plain
 
 
+def _accumulate_product(space, totals, layer, a, weight, g) -> None:
+    """Gradient hook: totals[layer] += weight · Σ_tokens a·g per unit (returns None: g is not altered)."""
+    totals[layer] += weight * (space.unit_view(a, layer).float() * space.unit_view(g, layer).float()).sum((0, 2)).double().cpu()
+
+
 def integrated_gradients(session, n_steps: int) -> tuple[list[torch.Tensor], dict]:
     """Signed IG per unit over the train examples, and the completeness check."""
     from .tasks import collate
@@ -126,9 +131,7 @@ def integrated_gradients(session, n_steps: int) -> tuple[list[torch.Tensor], dic
 
     def tap(layer, x, delta):
         if x.requires_grad:
-            x.register_hook(lambda g, layer=layer, delta=delta: totals[layer].__iadd__(
-                (space.unit_view(delta, layer).float() * space.unit_view(g, layer).float()).sum((0, 2)).double().cpu()
-                / n_steps))
+            x.register_hook(partial(_accumulate_product, space, totals, layer, delta, 1.0 / n_steps))
 
     bs = int(session.cfg.eval.batch_size)
     batches = [collate(session.task.train[i:i + bs], session.pad_id) for i in range(0, len(session.task.train), bs)]

@@ -217,8 +217,8 @@ def cmd_reproduce(args: list[str]) -> int:
 
 def _print_chain(chain: dict, run_dir: Path, seconds: float) -> None:
     console = Console(width=max(Console().width, 150))
-    table = Table(title=f"chain ({chain['config']['attribution']}, K={chain['config']['k']['k']}, "
-                        f"{chain['config']['granularity']})")
+    k = ", ".join(f"{key}={v}" for key, v in chain["config"]["k"].items() if v is not None)
+    table = Table(title=f"chain ({chain['config']['attribution']}, {k}, {chain['config']['granularity']})")
     cols = ["r", "|S|", "init", "final", "Δloss", "gap", "gap rnd", "spec", "damage", "collat", "held-out",
             "top-1", "layers", "score on/off"]
     for c in cols:

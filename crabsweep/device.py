@@ -13,7 +13,7 @@ import torch
 
 from .errors import UserError
 
-_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16,
            "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 
 
@@ -37,7 +37,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
             return torch.bfloat16
         return torch.float32
     if name not in _DTYPES:
-        raise UserError(f"unknown dtype '{name}'; use dtype=auto, fp32, bf16 or fp16")
+        raise UserError(f"unknown dtype '{name}'; use dtype=auto, fp32, bf16, fp16 or fp64")
     return _DTYPES[name]
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
+from functools import partial
 from types import MethodType
 
 import torch
@@ -84,14 +85,14 @@ def relp_scores(session) -> list[torch.Tensor]:
     """|Σ_tokens a·∂M/∂a| per unit over the train examples, M = Σ log p(target tokens)."""
     import torch.nn.functional as F
 
+    from .attribution import _accumulate_product
     from .tasks import collate
     space, model = session.space, session.model
     totals = [torch.zeros(n, dtype=torch.float64) for n in space.sizes]
 
     def tap(layer, x, a):
         if x.requires_grad:
-            x.register_hook(lambda g, layer=layer, a=a: totals[layer].__iadd__(
-                (space.unit_view(a, layer).float() * space.unit_view(g, layer).float()).sum((0, 2)).double().cpu()))
+            x.register_hook(partial(_accumulate_product, space, totals, layer, a, 1.0))
 
     space.tap = tap
     try:

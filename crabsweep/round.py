@@ -114,7 +114,7 @@ def posthoc_scores(session: Session, scores: dict) -> dict:
     """Add the ranking method's scores when it needs its own pass after training; return its metrics."""
     acfg = session.cfg.attribution
     if acfg.name == "integrated_gradients":
-        signed, check = integrated_gradients(session, int(acfg.get("n_steps", 8)))
+        signed, check = integrated_gradients(session, int(acfg.get("n_steps", 16)))
         scores["integrated_gradients"] = [t.abs() for t in signed]
         if check["ratio"] is not None and abs(check["ratio"] - 1) > 0.05:
             log.warning("integrated gradients completeness %.3f is off by more than 5%%; raise "

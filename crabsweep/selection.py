@@ -115,7 +115,8 @@ def matched_random(suppressed: list[Unit], sizes: list[int], seed: int) -> list[
         taken = by_layer[layer]
         pool = torch.tensor([i for i in range(sizes[layer]) if i not in taken])
         if len(pool) < len(taken):
-            raise UserError(f"layer {layer} has too few free units for a matched random control")
+            raise UserError(f"layer {layer} has too few free units for a matched random control; lower K "
+                            "or set chain.control=none")
         pick = pool[torch.randperm(len(pool), generator=g)[:len(taken)]]
         out += [(layer, int(i)) for i in sorted(pick.tolist())]
     return out

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from .models import load_model
 from .tasks import load_task, read_task
-from .train import wrap_with_lora
+from .train import reset_adapter, wrap_with_lora
 from .units import make_space
 
 log = logging.getLogger(__name__)
@@ -26,6 +26,7 @@ class Session:
         self.task = load_task(cfg.task, self.loaded.tokenizer, bool(cfg.train.weighted), samples)
         self.space = make_space(cfg.suppression, self.loaded)
         self.model = wrap_with_lora(self.loaded.model, cfg.adapter)
+        reset_adapter(self.model, int(cfg.seed))       # deterministic from the start, not only per round
         self.space.install(self.model)
         self._means = None
         log.info("task %s: %d train / %d held-out samples; %d %s units", self.task.name, len(self.task.train),

@@ -243,7 +243,7 @@ class JsonFieldsScorer:
         return sum(k in obj for k in self.keys) / len(self.keys)
 
 
-SCORERS = {"sections": lambda c: SectionsScorer(c.headers), "json_fields": lambda c: JsonFieldsScorer(c.keys)}
+SCORERS = {"sections": lambda c: SectionsScorer(c["headers"]), "json_fields": lambda c: JsonFieldsScorer(c["keys"])}
 
 
 def make_scorer(scfg) -> Scorer:

@@ -52,9 +52,10 @@ def token_losses(model, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor
     keep = labels.shape[1] - first + 1                           # positions first-1 … T-1 predict them
     out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                 logits_to_keep=keep)
-    logits = out.logits[:, :-1].float()
+    logits = out.logits[:, :-1]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))     # bf16 → fp32; fp64 stays
     target = labels[:, first:]
-    w = batch["weights"].to(device)[:, first:]
+    w = batch["weights"].to(device, logits.dtype)[:, first:]
     ce = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")
     mask = (target != -100).float()
     plain = (ce * mask).sum() / mask.sum()

@@ -141,7 +141,8 @@ def test_wandb_offline_run_records_group_config_rounds_and_recruits(tmp_path):
     assert meta["run_group"] == "wb" and records["summary"][1]["run_group"] == "wb"
     config = meta["config"]["update"]
     assert config["trial_params"] == {"attribution": "grad_x_act", "k.k": 3}
-    assert config["k"] == {"k": 3, "policy": "fixed"} and config["attribution"] == {"name": "grad_x_act"}
+    assert config["k"] == {"k": 3, "policy": "fixed", "cap": None}
+    assert config["attribution"] == {"name": "grad_x_act", "normalize": "none"}
     per_round = {h["round"]: h for h in history if "round" in h}
     assert sorted(per_round) == [0, 1, 2]
     for rec in chain["rounds"]:
