@@ -28,6 +28,7 @@ import optuna
 from omegaconf import OmegaConf
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
+from tqdm.auto import tqdm
 
 from . import io
 from .cache import RoundCache
@@ -253,9 +254,13 @@ def run_worker(cfg, base_overrides: list[str], study_dir: Path) -> None:
     space = search_space(scfg)
     cache = RoundCache(study_dir / "cache") if scfg.cache else None
     sessions: dict[str, Session] = {}
+    bar = tqdm(total=int(scfg.n_trials), desc="trials", disable=None)
     while True:
+        finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.get_trials(deepcopy=False))
+        bar.update(min(finished, bar.total) - bar.n)       # counts every worker's trials
         trial = next_trial(study, url, study_dir, scfg)
         if trial == "done":
+            bar.close()
             return
         if trial is None:
             time.sleep(float(scfg.heartbeat.interval) / 2)
