@@ -33,14 +33,25 @@ STREAMED = ("lora_a_grad", "grad_norm", "grad_x_act", "max_grad")
 POSTHOC = ("integrated_gradients", "cna", "relp")
 
 
+def _zeros(space: UnitSpace) -> list[torch.Tensor]:
+    return [torch.zeros(n, dtype=torch.float64) for n in space.sizes]
+
+
+def exclude(scores: dict[str, list[torch.Tensor]], suppressed) -> dict[str, list[torch.Tensor]]:
+    """Set the suppressed units' scores to 0 in place (they are never ranked); returns `scores`."""
+    for layer, index in suppressed:
+        for per_layer in scores.values():
+            per_layer[layer][index] = 0.0
+    return scores
+
+
 class Recorder:
     """The attribution tap: accumulates per-step statistics, folded into totals at `end_step`."""
 
     def __init__(self, space: UnitSpace, methods=STREAMED):
         self.space = space
         self.methods = tuple(m for m in methods if m in STREAMED and m in space.supports)
-        zeros = lambda: [torch.zeros(n, dtype=torch.float64) for n in space.sizes]  # noqa: E731
-        self.totals = {m: zeros() for m in self.methods}
+        self.totals = {m: _zeros(space) for m in self.methods}
         self._g2 = [None] * len(space.sizes)
         self._ga = [None] * len(space.sizes)
         self.steps = 0
@@ -80,11 +91,7 @@ class Recorder:
 
     def scores(self, suppressed: set[Unit]) -> dict[str, list[torch.Tensor]]:
         """Totals per method and layer (float32), suppressed units set to 0."""
-        out = {m: [t.float().clone() for t in ts] for m, ts in self.totals.items()}
-        for layer, index in suppressed:
-            for per_layer in out.values():
-                per_layer[layer][index] = 0.0
-        return out
+        return exclude({m: [t.float().clone() for t in ts] for m, ts in self.totals.items()}, suppressed)
 
 
 def rank(scores: list[torch.Tensor], exclude: set[Unit] = frozenset(), top: int | None = None) -> list[dict]:
@@ -108,10 +115,6 @@ def rank(scores: list[torch.Tensor], exclude: set[Unit] = frozenset(), top: int 
 # --------------------------------------------------------------------------------------------------
 # Post-hoc methods (after training, weights frozen)
 # --------------------------------------------------------------------------------------------------
-def _zeros(space: UnitSpace) -> list[torch.Tensor]:
-    return [torch.zeros(n, dtype=torch.float64) for n in space.sizes]
-
-
 def _objective(session, batch):
     from .train import token_losses
     weighted, plain, _ = token_losses(session.model, batch, session.device)

@@ -19,6 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import optuna  # noqa: E402
 
 from . import io  # noqa: E402
+from .chain import completed_rounds  # noqa: E402
 from .errors import UserError  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -34,18 +35,11 @@ def load(study_dir: str | Path) -> tuple[dict, optuna.Study]:
     return meta, optuna.load_study(study_name=meta["study"], storage=make_storage(meta["storage"]))
 
 
-def _rounds(run_dir: Path) -> list[dict]:
-    out = []
-    while (run_dir / f"round_{len(out)}" / "record.json").exists():
-        out.append(io.read_json(run_dir / f"round_{len(out)}" / "record.json"))
-    return out
-
-
 def trial_rows(study: optuna.Study) -> list[dict]:
     rows = []
     for t in study.get_trials(deepcopy=False):
         run_dir = Path(t.user_attrs.get("run_dir", ""))
-        rounds = _rounds(run_dir) if t.user_attrs.get("run_dir") else []
+        rounds = completed_rounds(run_dir) if t.user_attrs.get("run_dir") else []
         chain = io.read_json(run_dir / "chain.json") if (run_dir / "chain.json").exists() else {}
         rows.append({
             "trial": t.number, "state": t.state.name, "value": t.value, "params": dict(t.params),

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from . import io
-from .attribution import Recorder, cna, integrated_gradients, rank
+from .attribution import POSTHOC, Recorder, cna, exclude, integrated_gradients, rank
 from .metrics import eval_loss, generate, score_generations
 from .relp import relp_scores
 from .session import Session
@@ -75,8 +75,10 @@ def run_round(session: Session, suppressed: list[Unit], index: int = 0, generati
 
     final = eval_loss(model, task.train, pad, dev, int(cfg.eval.batch_size))
     heldout = eval_loss(model, task.heldout, pad, dev, int(cfg.eval.batch_size))
-    scores = recorder.scores(set(suppressed))
+    excluded = set(suppressed)
+    scores = recorder.scores(excluded)
     extra = posthoc_scores(session, scores)
+    exclude({m: scores[m] for m in POSTHOC if m in scores}, excluded)
     gens = []
     if generations and int(cfg.eval.max_new_tokens) > 0:
         texts = generate(model, session.tokenizer, task.heldout, dev, int(cfg.eval.max_new_tokens))
@@ -87,10 +89,6 @@ def run_round(session: Session, suppressed: list[Unit], index: int = 0, generati
             gens += score_generations(task.heldout, texts, task.scorer, mask="off")
             session.apply_suppression(suppressed)
 
-    excluded = set(suppressed)
-    for per_layer in scores.values():      # suppressed units never rank (post-hoc methods included)
-        for layer, unit in excluded:
-            per_layer[layer][unit] = 0.0
     top = int(cfg.round.top)
     recruits = {m: rank(s, excluded, top) for m, s in scores.items()}
     tokens = sum(len(e.input_ids) for e in task.train) * int(cfg.train.epochs)
