@@ -13,11 +13,11 @@ from __future__ import annotations
 import sys
 import time
 
-from crabsweep.attribution import Recorder, cna, integrated_gradients
+from crabsweep.methods.attribution import Recorder, cna, integrated_gradients
 from crabsweep.config import compose_config
-from crabsweep.relp import relp_scores
-from crabsweep.session import Session
-from crabsweep.train import reset_adapter, train
+from crabsweep.methods.relp import relp_scores
+from crabsweep.core.session import Session
+from crabsweep.loop.train import reset_adapter, train
 
 
 def epoch(session, hooked: bool) -> float:

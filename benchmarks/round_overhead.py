@@ -15,10 +15,10 @@ import time
 
 import torch
 
-from crabsweep.attribution import Recorder
+from crabsweep.methods.attribution import Recorder
 from crabsweep.config import compose_config
-from crabsweep.session import Session
-from crabsweep.train import reset_adapter, train
+from crabsweep.core.session import Session
+from crabsweep.loop.train import reset_adapter, train
 
 
 def matmul_peak(n: int = 1536, reps: int = 20) -> float:

@@ -55,9 +55,9 @@ def setup_logging(run_dir: Path | None) -> None:
 
 def cmd_round(overrides: list[str]) -> int:
     from .config import compose_config, save_config
-    from .round import run_round, save_round
-    from .session import Session
-    from .units import unit_from_json
+    from .loop.round import run_round, save_round
+    from .core.session import Session
+    from .core.basis import unit_from_json
 
     cfg, run_dir = compose_config("round", overrides)
     with _run_dir(run_dir):
@@ -77,10 +77,10 @@ def cmd_chain(overrides: list[str]) -> int:
 
     from omegaconf import OmegaConf
 
-    from .chain import run_chain
+    from .loop.chain import run_chain
     from .config import check_run_dir, compose_config, save_config
-    from .session import Session
-    from .tracking import make_tracker
+    from .core.session import Session
+    from .track.wandb import make_tracker
 
     cfg, run_dir = compose_config("chain", overrides)
     check_run_dir(cfg, run_dir)
@@ -100,7 +100,7 @@ def cmd_sweep(overrides: list[str]) -> int:
     import time
 
     from .config import compose_config, save_config
-    from .sweep import run_worker, spawn_workers, summarize
+    from .sweep.study import run_worker, spawn_workers, summarize
 
     cfg, _ = compose_config("sweep", overrides)
     study_dir = Path(cfg.sweep.dir or f"multirun/{cfg.sweep.study}")
@@ -133,9 +133,9 @@ def cmd_ensemble(args: list[str]) -> int:
     from omegaconf import OmegaConf
 
     from .config import compose_config
-    from .ensemble import Ensembler, study_weights
+    from .loop.ensemble import Ensembler, study_weights
     from .io import read_json
-    from .tracking import make_tracker
+    from .track.wandb import make_tracker
 
     if not args or "=" in args[0]:
         raise UserError("ensemble takes a chain folder first: crabsweep ensemble <chain dir> [ensemble.key=value ...]")
@@ -177,7 +177,7 @@ def cmd_ensemble(args: list[str]) -> int:
 
 
 def _print_report(study_dir: Path, summary: dict | None) -> None:
-    from .report import dashboard_command, write_report
+    from .track.report import dashboard_command, write_report
 
     rep = write_report(study_dir)
     console = Console(width=max(Console().width, 150))
@@ -197,7 +197,7 @@ def _print_report(study_dir: Path, summary: dict | None) -> None:
 
 
 def cmd_reproduce(args: list[str]) -> int:
-    from .reproduce import reproduce
+    from .loop.reproduce import reproduce
 
     if not 1 <= len(args) <= 2:
         raise UserError("reproduce takes a run dir and optionally an output dir: crabsweep reproduce <run dir> [out]")

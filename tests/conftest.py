@@ -9,8 +9,8 @@ import torch
 from peft.tuners.lora import LoraLayer
 
 from crabsweep.config import compose_config
-from crabsweep.models import load_model
-from crabsweep.session import Session
+from crabsweep.core.models import load_model
+from crabsweep.core.session import Session
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -51,8 +51,8 @@ def reload_adapter_loss(adapter_dir, suppressed) -> float:
     """Plain-PEFT reload of a saved adapter on a fresh tiny base; train loss with `suppressed` zeroed by hand."""
     from peft import PeftModel
 
-    from crabsweep.metrics import eval_loss
-    from crabsweep.tasks import load_task
+    from crabsweep.loop.metrics import eval_loss
+    from crabsweep.core.tasks import load_task
     cfg = tiny_cfg()
     fresh = load_model(cfg.model, "cpu", "fp32")
     model = PeftModel.from_pretrained(fresh.model, str(adapter_dir))

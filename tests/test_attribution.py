@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from crabsweep.attribution import Recorder, rank
-from crabsweep.tasks import collate
-from crabsweep.train import token_losses
+from crabsweep.methods.attribution import Recorder, rank
+from crabsweep.core.tasks import collate
+from crabsweep.loop.train import token_losses
 
 from .conftest import merged_base, randomize_lora_b
 

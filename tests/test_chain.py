@@ -6,12 +6,12 @@ import json
 
 import pytest
 
-import crabsweep.chain as chain_mod
+import crabsweep.loop.chain as chain_mod
 from crabsweep.cli import main
 from crabsweep.config import first_difference
 from crabsweep.io import read_json
-from crabsweep.reproduce import reproduce
-from crabsweep.unitsets import load_units
+from crabsweep.loop.reproduce import reproduce
+from crabsweep.core.unitsets import load_units
 
 from .conftest import reload_adapter_loss
 

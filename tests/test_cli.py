@@ -64,7 +64,7 @@ def test_missing_model_and_unsupported_architecture_exit_2(tmp_path, capsys):
                              f"hydra.run.dir={tmp_path / 'r1'}"], "does not exist; pass model.path")
     gpt2 = tmp_path / "gpt2"
     transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=300)).save_pretrained(gpt2)
-    from crabsweep.models import byte_tokenizer
+    from crabsweep.core.models import byte_tokenizer
     byte_tokenizer().save_pretrained(gpt2)
     _one_line_error(capsys, ["round", "model=hf", f"model.path={gpt2}", "task=tiny", f"hydra.run.dir={tmp_path / 'r2'}"],
                     "unsupported architecture 'gpt2'")

@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 
 from crabsweep.cli import main
 from crabsweep.config import compose_config
-from crabsweep.ensemble import Ensembler, degeneracy, depth_grid
-from crabsweep.models import load_model
-from crabsweep.tasks import collate
+from crabsweep.loop.ensemble import Ensembler, degeneracy, depth_grid
+from crabsweep.core.models import load_model
+from crabsweep.core.tasks import collate
 
 CHAIN = ["model=tiny_llama", "task=tiny", "eval.max_new_tokens=4", "tracker=none", "train.epochs=3", "train.lr=1e-2",
          "k.k=4", "chain.rounds=2", "chain.control=none"]
@@ -42,7 +42,7 @@ def _logits(model, session):
 
 def _by_hand(chain_dir, weights):
     """Base weights + Σ wᵢ·sᵢ·Bᵢ·Aᵢ, read straight from the saved adapter files."""
-    base = load_model(OmegaConf.load("conf/model/tiny_llama.yaml"), "cpu", "fp32").model
+    base = load_model(OmegaConf.load("crabsweep/conf/model/tiny_llama.yaml"), "cpu", "fp32").model
     for r, w in enumerate(weights):
         folder = chain_dir / f"round_{r}" / "adapter"
         conf = json.loads((folder / "adapter_config.json").read_text())
@@ -76,7 +76,7 @@ def test_saved_ensemble_is_a_plain_peft_adapter(chain_dir, tmp_path):
     weights = ens.check_weights(WEIGHTS)
     ens.save(weights, tmp_path / "best")
     in_memory = _logits(ens.session.model, ens.session)
-    fresh = load_model(OmegaConf.load("conf/model/tiny_llama.yaml"), "cpu", "fp32").model
+    fresh = load_model(OmegaConf.load("crabsweep/conf/model/tiny_llama.yaml"), "cpu", "fp32").model
     reloaded = PeftModel.from_pretrained(fresh, str(tmp_path / "best"))
     assert (_logits(reloaded, ens.session) - in_memory).abs().max() < 1e-5
 

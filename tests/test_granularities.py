@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from crabsweep.attribution import Recorder, cna, integrated_gradients
-from crabsweep.models import load_model
-from crabsweep.relp import HalfProduct, linearized, relp_scores
-from crabsweep.session import Session
-from crabsweep.tasks import collate
-from crabsweep.train import token_losses
+from crabsweep.methods.attribution import Recorder, cna, integrated_gradients
+from crabsweep.core.models import load_model
+from crabsweep.methods.relp import HalfProduct, linearized, relp_scores
+from crabsweep.core.session import Session
+from crabsweep.core.tasks import collate
+from crabsweep.loop.train import token_losses
 
 from .conftest import merged_base, randomize_lora_b, tiny_cfg
 

@@ -11,9 +11,9 @@ from omegaconf import OmegaConf
 from crabsweep.cli import main
 from crabsweep.errors import UserError
 from crabsweep.io import read_json
-from crabsweep.selection import check_k, normalize, select
+from crabsweep.methods.selection import check_k, normalize, select
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
+CONF = Path(__file__).resolve().parent.parent / "crabsweep" / "conf"
 BASE = ["model=tiny_llama", "task=tiny", "tracker=none", "eval.max_new_tokens=4", "train.epochs=1",
         "chain.rounds=2", "k.k=3", "chain.control=last"]
 # options that need a partner setting to be meaningful on their own

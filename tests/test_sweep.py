@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 from crabsweep.cli import main
 from crabsweep.errors import UserError
 from crabsweep.io import read_json
-from crabsweep.sweep import make_sampler, search_space, storage_url
+from crabsweep.sweep.study import make_sampler, search_space, storage_url
 
 PG_URL = "postgresql://crabsweep:crabsweep@127.0.0.1:5432/crabsweep_test"
 BASE = ["model=tiny_llama", "task=tiny", "eval.max_new_tokens=4", "tracker=none", "sweep.pruner.name=none",
@@ -26,7 +26,7 @@ BASE = ["model=tiny_llama", "task=tiny", "eval.max_new_tokens=4", "tracker=none"
 
 
 def _study(study_dir: Path) -> optuna.Study:
-    from crabsweep.sweep import make_storage
+    from crabsweep.sweep.study import make_storage
     meta = read_json(study_dir / "sweep.json")
     return optuna.load_study(study_name=meta["study"], storage=make_storage(meta["storage"]))
 

@@ -9,8 +9,8 @@ import torch
 from omegaconf import OmegaConf
 
 from crabsweep.errors import UserError
-from crabsweep.models import byte_tokenizer
-from crabsweep.tasks import (WEIGHT_CONCLUSION, WEIGHT_GLUE, WEIGHT_OTHER, JsonFieldsScorer, SectionsScorer, load_samples,
+from crabsweep.core.models import byte_tokenizer
+from crabsweep.core.tasks import (WEIGHT_CONCLUSION, WEIGHT_GLUE, WEIGHT_OTHER, JsonFieldsScorer, SectionsScorer, load_samples,
                              load_task, tokenize_sample)
 
 

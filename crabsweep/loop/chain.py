@@ -23,16 +23,16 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from . import io
-from .errors import UserError
+from .. import io
+from ..errors import UserError
 from .metrics import base_loss, text_examples
 from .cache import RoundCache, round_key
 from .round import RoundResult, run_round
-from .selection import check_k, matched_random, select
-from .session import Session
+from ..methods.selection import check_k, matched_random, select
+from ..core.session import Session
 from .trajectory import classify, idle_audit
-from .units import Unit, unit_from_json, unit_json
-from .unitsets import load_units, save_units
+from ..core.basis import Unit, unit_from_json, unit_json
+from ..core.unitsets import load_units, save_units
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def run_chain(session: Session, run_dir: str | Path, cache: RoundCache | None = 
     io.write_json(run_dir / "chain.json", chain)
     if tracker is not None:
         tracker.finish(chain)
-    from .plots import plot_chain
+    from ..track.plots import plot_chain
     plot_chain(chain, rounds, space.sizes, run_dir / "chain.png")
     return chain
 

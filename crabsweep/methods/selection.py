@@ -17,9 +17,9 @@ import math
 import torch
 
 from .attribution import rank
-from .device import generator
-from .errors import UserError
-from .units import Unit, unit_json
+from ..core.device import generator
+from ..errors import UserError
+from ..core.basis import Unit, unit_json
 
 POLICIES = ("fixed", "schedule", "fraction", "mass", "per_layer")
 

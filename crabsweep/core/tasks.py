@@ -19,7 +19,7 @@ from typing import Protocol
 
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 from tqdm.auto import tqdm
 
-from .device import generator, seed_everything
-from .tasks import Example, collate
+from ..core.device import generator, seed_everything
+from ..core.tasks import Example, collate
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from itertools import accumulate
 
 import torch
 
-from .units import Unit, UnitSpace, unit_json
+from ..core.basis import Unit, UnitSpace, unit_json
 
 STREAMED = ("lora_a_grad", "grad_norm", "grad_x_act", "max_grad")
 POSTHOC = ("integrated_gradients", "cna", "relp")
@@ -116,7 +116,7 @@ def rank(scores: list[torch.Tensor], exclude: set[Unit] = frozenset(), top: int 
 # Post-hoc methods (after training, weights frozen)
 # --------------------------------------------------------------------------------------------------
 def _objective(session, batch):
-    from .train import token_losses
+    from ..loop.train import token_losses
     weighted, plain, _ = token_losses(session.model, batch, session.device)
     return weighted if session.cfg.train.weighted else plain
 
@@ -128,7 +128,7 @@ def _accumulate_product(space, totals, layer, a, weight, g) -> None:
 
 def integrated_gradients(session, n_steps: int) -> tuple[list[torch.Tensor], dict]:
     """Signed IG per unit over the train examples, and the completeness check."""
-    from .tasks import collate
+    from ..core.tasks import collate
     space, model = session.space, session.model
     totals = _zeros(space)
 
@@ -162,7 +162,7 @@ def integrated_gradients(session, n_steps: int) -> tuple[list[torch.Tensor], dic
 
 def _capture(session, texts_or_examples, positions: str, adapter: bool) -> list[torch.Tensor]:
     """Mean site activation per unit feature over the chosen positions."""
-    from .tasks import collate
+    from ..core.tasks import collate
     space, model = session.space, session.model
     sums = [torch.zeros(n * space.unit_dim, dtype=torch.float64) for n in space.sizes]
     count = [0]
@@ -194,7 +194,7 @@ def _capture(session, texts_or_examples, positions: str, adapter: bool) -> list[
 
 
 def _prompt_examples(session, prompts) -> list:
-    from .tasks import Example, Sample, _render
+    from ..core.tasks import Example, Sample, _render
     out = []
     for i, p in enumerate(prompts):
         ids = torch.tensor(session.tokenizer(_render(session.tokenizer, p, None), add_special_tokens=False)["input_ids"])
@@ -243,6 +243,6 @@ def unit_means(session) -> list[torch.Tensor]:
 
 
 def _as_prompt(ex):
-    from .tasks import Example
+    from ..core.tasks import Example
     ids = ex.prompt_ids
     return Example(ex.sample, ids, torch.full_like(ids, -100), torch.zeros(len(ids)), ids)

@@ -18,8 +18,8 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from . import io
-from .errors import UserError
+from .. import io
+from ..errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = ROOT / "conf"
@@ -88,8 +88,8 @@ def validate(cfg: DictConfig) -> None:
     c = cfg.chain
     _require(int(c.rounds) >= 0, f"chain.rounds={c.rounds} must be ≥ 0")
     _require(c.control in ("last", "every", "none"), f"chain.control={c.control} must be last, every or none")
-    from .attribution import POSTHOC, STREAMED
-    from .units import SPACES
+    from ..methods.attribution import POSTHOC, STREAMED
+    from ..core.basis import SPACES
     s, a = cfg.suppression, cfg.attribution
     _require(s.granularity in SPACES, f"suppression.granularity={s.granularity} is unknown; choose from {sorted(SPACES)}")
     space = SPACES[s.granularity]

@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from . import io
-from .errors import UserError
-from .units import Unit, unit_json
+from .. import io
+from ..errors import UserError
+from .basis import Unit, unit_json
 
 
 def load_units(path: str | Path) -> list[Unit]:

@@ -7,8 +7,8 @@ import torch
 import json
 from pathlib import Path
 
-from .errors import UserError
-from .tasks import Example, Sample, Scorer, collate
+from ..errors import UserError
+from ..core.tasks import Example, Sample, Scorer, collate
 from .train import token_losses
 
 

@@ -18,9 +18,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import optuna  # noqa: E402
 
-from . import io  # noqa: E402
-from .chain import completed_rounds  # noqa: E402
-from .errors import UserError  # noqa: E402
+from .. import io  # noqa: E402
+from ..loop.chain import completed_rounds  # noqa: E402
+from ..errors import UserError  # noqa: E402
 
 log = logging.getLogger(__name__)
 ROUND_METRICS = ("final_gap", "specificity", "damage", "collateral", "heldout_loss", "top1_score")
@@ -31,7 +31,7 @@ def load(study_dir: str | Path) -> tuple[dict, optuna.Study]:
     if not (study_dir / "sweep.json").exists():
         raise UserError(f"{study_dir} holds no sweep.json; pass the folder of a `crabsweep sweep` study")
     meta = io.read_json(study_dir / "sweep.json")
-    from .sweep import make_storage
+    from ..sweep.study import make_storage
     return meta, optuna.load_study(study_name=meta["study"], storage=make_storage(meta["storage"]))
 
 

@@ -12,8 +12,8 @@ from omegaconf import OmegaConf
 
 from .models import load_model
 from .tasks import load_task, read_task
-from .train import reset_adapter, wrap_with_lora
-from .units import make_space
+from ..loop.train import reset_adapter, wrap_with_lora
+from .basis import make_space
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class Session:
         """Suppress `units` with the configured mode (zero / mean / multiplier) from now on."""
         s = self.cfg.suppression
         if s.mode == "mean" and self._means is None:
-            from .attribution import unit_means
+            from ..methods.attribution import unit_means
             self._means = unit_means(self)
         self.space.set_suppression(units, mode=s.mode, scale=float(s.get("scale", 0.0)),
                                    means=self._means if s.mode == "mean" else None)

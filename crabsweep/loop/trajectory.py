@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from difflib import SequenceMatcher
 
-from .units import Unit
+from ..core.basis import Unit
 
 
 def _similarity(rounds: list[dict], r: int) -> float | None:

@@ -30,13 +30,13 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
-from . import io
-from .cache import RoundCache
-from .chain import run_chain
-from .config import compose_config, save_config
-from .errors import UserError
-from .session import Session
-from .tracking import make_tracker
+from .. import io
+from ..loop.cache import RoundCache
+from ..loop.chain import run_chain
+from ..config import compose_config, save_config
+from ..errors import UserError
+from ..core.session import Session
+from ..track.wandb import make_tracker
 
 log = logging.getLogger(__name__)
 HOST = socket.gethostname()
@@ -345,7 +345,7 @@ def spawn_workers(n: int, argv_overrides: list[str]) -> list[subprocess.Popen]:
 
 def summarize(cfg, study_dir: Path, seconds: float) -> dict:
     """summary.json + a W&B summary run (best trial, state counts, cache hits, Optuna plots)."""
-    from .report import write_report
+    from ..track.report import write_report
     study = open_study(cfg, study_dir)
     trials = study.get_trials(deepcopy=False)
     states: dict[str, int] = {}

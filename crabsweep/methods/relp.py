@@ -86,7 +86,7 @@ def relp_scores(session) -> list[torch.Tensor]:
     import torch.nn.functional as F
 
     from .attribution import _accumulate_product
-    from .tasks import collate
+    from ..core.tasks import collate
     space, model = session.space, session.model
     totals = [torch.zeros(n, dtype=torch.float64) for n in space.sizes]
 

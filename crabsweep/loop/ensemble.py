@@ -21,12 +21,12 @@ from pathlib import Path
 import optuna
 from omegaconf import OmegaConf
 
-from . import io
-from .config import load_saved_config
-from .errors import UserError
+from .. import io
+from ..config import load_saved_config
+from ..errors import UserError
 from .metrics import eval_loss, generate
-from .session import Session
-from .units import unit_from_json
+from ..core.session import Session
+from ..core.basis import unit_from_json
 
 log = logging.getLogger(__name__)
 COMBINATIONS = {"exact": "cat", "svd": "svd", "linear": "linear"}

@@ -29,8 +29,8 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from .device import resolve_device, resolve_dtype
-from .errors import UserError
-from .io import staged_dir, write_text
+from ..errors import UserError
+from ..io import staged_dir, write_text
 
 log = logging.getLogger(__name__)
 

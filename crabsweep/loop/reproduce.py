@@ -10,11 +10,11 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from . import io
+from .. import io
 from .chain import completed_rounds, fingerprints, run_chain
-from .config import first_difference, load_saved_config, save_config
-from .errors import UserError
-from .session import Session
+from ..config import first_difference, load_saved_config, save_config
+from ..errors import UserError
+from ..core.session import Session
 
 
 def _comparable(run_dir: Path) -> list[dict]:

@@ -18,9 +18,9 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from . import io
+from .. import io
 from .round import RoundResult
-from .units import Unit, unit_from_json
+from ..core.basis import Unit, unit_from_json
 
 log = logging.getLogger(__name__)
 

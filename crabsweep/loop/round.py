@@ -16,13 +16,13 @@ from pathlib import Path
 
 import torch
 
-from . import io
-from .attribution import POSTHOC, Recorder, cna, exclude, integrated_gradients, rank
+from .. import io
+from ..methods.attribution import POSTHOC, Recorder, cna, exclude, integrated_gradients, rank
 from .metrics import eval_loss, generate, score_generations
-from .relp import relp_scores
-from .session import Session
+from ..methods.relp import relp_scores
+from ..core.session import Session
 from .train import reset_adapter, train
-from .units import Unit, unit_json
+from ..core.basis import Unit, unit_json
 
 log = logging.getLogger(__name__)
 

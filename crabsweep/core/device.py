@@ -11,7 +11,7 @@ import random
 import numpy as np
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16,
            "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}

@@ -27,7 +27,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from .errors import UserError
+from ..errors import UserError
 from .models import LoadedModel, text_config
 
 Unit = tuple[int, int]
