@@ -13,26 +13,24 @@ from __future__ import annotations
 import sys
 import time
 
-from crabsweep.methods.attribution import Recorder, cna, integrated_gradients
+from contextlib import nullcontext
+
 from crabsweep.config import compose_config
-from crabsweep.methods.relp import relp_scores
 from crabsweep.core.session import Session
-from crabsweep.loop.train import reset_adapter, train
+from crabsweep.loop.train import train
+from crabsweep.methods.cna import run as cna
+from crabsweep.methods.ig import integrated_gradients
+from crabsweep.methods.relp import run as relp
+from crabsweep.methods.streamed import Recorder
 
 
 def epoch(session, hooked: bool) -> float:
-    reset_adapter(session.model, int(session.cfg.seed))
-    recorder = None
-    if hooked:
-        session.space.install(session.model)
-        recorder = Recorder(session.space)
-        session.space.tap = recorder
-    else:
-        session.space.remove()
+    session.adapter.reset(int(session.cfg.seed))
+    recorder = Recorder(session) if hooked else None
     t = time.perf_counter()
-    train(session.model, session.task.train, session.cfg.train, session.pad_id, session.device,
-          int(session.cfg.seed), on_step_end=recorder.end_step if recorder else None)
-    session.space.tap = None
+    with session.observe(recorder) if hooked else nullcontext():
+        train(session, session.task.train, session.cfg.train, int(session.cfg.seed),
+              on_step_end=recorder.end_step if recorder else None)
     return time.perf_counter() - t
 
 
@@ -47,13 +45,13 @@ def main(overrides: list[str]) -> None:
     session = Session(cfg)
     epoch(session, True)                                           # warm-up
     plain = min(epoch(session, False) for _ in range(2))
-    streamed = min(epoch(session, True) for _ in range(2))        # leaves a trained adapter, hooks installed
-    session.apply_suppression([])
+    streamed = min(epoch(session, True) for _ in range(2))        # leaves a trained adapter
+    mask = session.mask([])
     n_steps = 16
     costs = {
-        f"integrated_gradients (n_steps={n_steps})": timed(lambda: integrated_gradients(session, n_steps)),
-        "cna (adapted vs base, target tokens)": timed(lambda: cna(session, cfg.attribution)),
-        "relp (linearized, target log-prob)": timed(lambda: relp_scores(session)),
+        f"integrated_gradients (n_steps={n_steps})": timed(lambda: integrated_gradients(session, mask, n_steps)),
+        "cna (adapted vs base, target tokens)": timed(lambda: cna(session, cfg.attribution, mask)),
+        "relp (linearized, target log-prob)": timed(lambda: relp(session, cfg.attribution, mask)),
     }
     print(f"model={cfg.model.name} task={cfg.task.name}: one training epoch = {len(session.task.train)} steps")
     print(f"plain training epoch                       : {plain:7.2f}s   1.00×")

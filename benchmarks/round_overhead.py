@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import sys
 import time
+from contextlib import nullcontext
 
 import torch
 
-from crabsweep.methods.attribution import Recorder
+from crabsweep.methods.streamed import Recorder
 from crabsweep.config import compose_config
 from crabsweep.core.session import Session
-from crabsweep.loop.train import reset_adapter, train
+from crabsweep.loop.train import train
 
 
 def matmul_peak(n: int = 1536, reps: int = 20) -> float:
@@ -51,21 +52,12 @@ def train_flops(session, epochs: int) -> float:
 
 def run(session, attributed: bool) -> float:
     cfg = session.cfg
-    reset_adapter(session.model, int(cfg.seed))
-    if attributed:
-        session.space.install(session.model)
-        recorder = Recorder(session.space)
-        session.space.tap = recorder
-        hook = recorder.end_step
-    else:
-        session.space.remove()
-        hook = None
+    session.adapter.reset(int(cfg.seed))
+    recorder = Recorder(session) if attributed else None
     t = time.perf_counter()
-    train(session.model, session.task.train, cfg.train, session.pad_id, session.device, int(cfg.seed),
-          on_step_end=hook)
-    elapsed = time.perf_counter() - t
-    session.space.tap = None
-    return elapsed
+    with session.observe(recorder) if attributed else nullcontext():
+        train(session, session.task.train, cfg.train, int(cfg.seed), on_step_end=recorder.end_step if recorder else None)
+    return time.perf_counter() - t
 
 
 def main(overrides: list[str]) -> None:

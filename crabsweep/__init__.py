@@ -1,3 +1,39 @@
-"""crabsweep: Crab Step (train, attribute, suppress, retrain) as an experiment-tracked sweep."""
+"""crabsweep: how redundantly is a behaviour encoded in an LLM? Crab Step as an experiment-tracked sweep.
 
-__version__ = "0.1.0"
+    import crabsweep as cs
+    session = cs.load_session("model=tiny_llama", "task=tiny")      # composed exactly like the CLI
+    chain = cs.run_chain(session, out_dir="runs/c1")
+    chain.rounds, chain.recruits                                    # pandas DataFrames
+    with session.intervene(session.mask([(0, 3)]), cs.Scale([(1, 5)], 4.0)):
+        ...                                                          # suppress and steer in one scope
+
+The names below are imported on first use (PEP 562), so `import crabsweep` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.2.0"
+
+_EXPORTS = {
+    "load_session": "api", "run_round": "api", "run_chain": "api", "Chain": "api", "Study": "api",
+    "Session": "core.session", "Unit": "core.basis",
+    "Mask": "core.interventions", "Scale": "core.interventions", "Add": "core.interventions",
+    "IGPath": "core.interventions",
+    "UserError": "errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'crabsweep' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -51,8 +51,8 @@ def reload_adapter_loss(adapter_dir, suppressed) -> float:
     """Plain-PEFT reload of a saved adapter on a fresh tiny base; train loss with `suppressed` zeroed by hand."""
     from peft import PeftModel
 
-    from crabsweep.loop.metrics import eval_loss
-    from crabsweep.core.tasks import load_task
+    from crabsweep.core.tasks import collate, load_task
+    from crabsweep.loop.train import token_losses
     cfg = tiny_cfg()
     fresh = load_model(cfg.model, "cpu", "fp32")
     model = PeftModel.from_pretrained(fresh.model, str(adapter_dir))
@@ -66,7 +66,11 @@ def reload_adapter_loss(adapter_dir, suppressed) -> float:
         return hook
     layers = fresh.arch.decoder_layers(model)
     handles = [fresh.arch.down_proj_of(layers[layer]).register_forward_pre_hook(zero(i)) for layer, i in suppressed]
-    loss = eval_loss(model, task.train, fresh.tokenizer.pad_token_id, "cpu")["plain"]
+    with torch.no_grad():
+        batch = collate(task.train, fresh.tokenizer.pad_token_id)
+        _, plain, _ = token_losses(model, batch, "cpu")
+        n = (batch["labels"] != -100).sum()
+        loss = float(plain)
     for h in handles:
         h.remove()
     return loss

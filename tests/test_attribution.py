@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from crabsweep.methods.attribution import Recorder, rank
+from crabsweep.methods import rank
+from crabsweep.methods.streamed import Recorder
 from crabsweep.core.tasks import collate
 from crabsweep.loop.train import token_losses
 
@@ -15,17 +16,13 @@ SUPPRESSED = [(0, 3), (0, 17), (1, 5)]
 
 def _recorded_step(session, batches, suppressed=SUPPRESSED):
     """Our pipeline: mask + tap on the PEFT model, one backward per batch, each folded as one step."""
-    session.space.set_suppression(suppressed)
-    rec = Recorder(session.space)
-    session.space.tap = rec
-    try:
+    rec = Recorder(session)
+    with session.intervene(session.mask(suppressed)), session.observe(rec):
         for batch in batches:
             session.model.zero_grad(set_to_none=True)
             weighted, _, _ = token_losses(session.model, batch, session.device)
             weighted.backward()
             rec.end_step()
-    finally:
-        session.space.tap = None
     return rec.scores(set(suppressed))
 
 
@@ -125,8 +122,7 @@ def test_suppressed_unit_is_zero_in_base_and_lora_paths_and_scores_zero(make_ses
     batch = collate(session.task.train, session.pad_id)
 
     def inputs(suppressed):
-        session.space.set_suppression(suppressed)
-        with torch.no_grad():
+        with torch.no_grad(), session.intervene(session.mask(suppressed)):
             token_losses(session.model, batch, session.device)
         return dict(seen)
 
@@ -146,7 +142,7 @@ def test_suppressed_unit_is_zero_in_base_and_lora_paths_and_scores_zero(make_ses
             assert per_layer[lyr][idx] == 0.0, method
     ranked = rank(scores["grad_norm"], set(SUPPRESSED))
     assert {(r["unit"]["layer"], r["unit"]["index"]) for r in ranked}.isdisjoint(SUPPRESSED)
-    assert len(ranked) == session.space.n_units - len(SUPPRESSED)
+    assert len(ranked) == session.basis.n_units - len(SUPPRESSED)
 
 
 def test_rank_orders_globally_with_stable_ties():

@@ -9,6 +9,7 @@ import pytest
 import crabsweep.loop.chain as chain_mod
 from crabsweep.cli import main
 from crabsweep.config import first_difference
+from crabsweep.errors import UserError
 from crabsweep.io import read_json
 from crabsweep.loop.reproduce import reproduce
 from crabsweep.core.unitsets import load_units
@@ -77,26 +78,33 @@ def test_each_round_adds_exactly_the_previous_top_k(tmp_path):
     assert loss == pytest.approx(cfg_round["metrics"]["final_loss"], abs=1e-5)
 
 
-def test_killed_chain_resumes_after_last_complete_round(tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("where", ["training", "control"])
+def test_killed_chain_resumes_after_last_complete_round(tmp_path, monkeypatch, caplog, where):
     whole = _chain(tmp_path, "whole")
+    name = "cached_round" if where == "training" else "_ensure_control"
+    real = getattr(chain_mod, name)
 
-    real = chain_mod._control
+    def dies_in_round_2(session, *args, **kw):
+        if args[1] == 2:
+            raise KeyboardInterrupt     # Ctrl-C inside round 2's training, or inside its control
+        return real(session, *args, **kw)
 
-    def dies_in_round_2(session, r, *args):
-        if r == 2:
-            raise KeyboardInterrupt     # killed while round 2's folder is still staged
-        return real(session, r, *args)
-
-    monkeypatch.setattr(chain_mod, "_control", dies_in_round_2)
+    monkeypatch.setattr(chain_mod, name, dies_in_round_2)
     cut = tmp_path / "cut"
     assert main(["chain", *CHAIN, f"hydra.run.dir={cut}"]) == 130
-    assert sorted(p.name for p in cut.glob("round_*")) == ["round_0", "round_1"]
-    (cut / ".round_2.tmp-left-by-sigkill").mkdir()            # what a SIGKILL would leave behind
-    (cut / ".round_2.tmp-left-by-sigkill" / "scores.safetensors").write_bytes(b"partial")
-    monkeypatch.setattr(chain_mod, "_control", real)
+    if where == "training":
+        assert sorted(p.name for p in cut.glob("round_*")) == ["round_0", "round_1"]
+    else:     # the finished round is kept; only its control is missing
+        assert sorted(p.name for p in cut.glob("round_*")) == ["round_0", "round_1", "round_2"]
+        assert not (cut / "round_2" / "control").exists()
+        (cut / "round_2" / ".control.tmp-left-by-sigkill").mkdir()     # what a SIGKILL would leave behind
+    (cut / ".round_3.tmp-left-by-sigkill").mkdir()
+    (cut / ".round_3.tmp-left-by-sigkill" / "scores.safetensors").write_bytes(b"partial")
+    monkeypatch.setattr(chain_mod, name, real)
     caplog.set_level("INFO")
     assert main(["chain", *CHAIN, f"hydra.run.dir={cut}"]) == 0
-    assert "resuming" in caplog.text and "after round 1" in caplog.text
+    assert "resuming" in caplog.text
+    assert not list(cut.glob(".round_*")) and not list(cut.glob("round_*/.control.tmp*"))   # leftovers cleaned
     assert first_difference(_records(whole), _records(cut)) is None
     a, b = read_json(whole / "chain.json"), read_json(cut / "chain.json")
     assert first_difference(a["rounds"], b["rounds"]) is None and a["trajectory"] == b["trajectory"]
@@ -111,8 +119,15 @@ def test_reproduce_gives_identical_records(tmp_path):
     rec = read_json(run / "round_1" / "record.json")
     rec["loss_curve"][3]["loss"] += 1e-9
     (run / "round_1" / "record.json").write_text(json.dumps(rec))
-    report = reproduce(run, tmp_path / "again")
+    report = reproduce(run, tmp_path / "again2")
     assert not report["identical"] and report["first_difference"].startswith("[1].loss_curve[3].loss")
+    # it never writes over the run it checks, nor into a folder that holds anything
+    before = sorted(p.name for p in run.rglob("*"))
+    with pytest.raises(UserError, match="write over the run it checks"):
+        reproduce(run, run)
+    with pytest.raises(UserError, match="already exists and is not empty"):
+        reproduce(run, tmp_path / "again")
+    assert sorted(p.name for p in run.rglob("*")) == before
 
 
 def _exit2(capsys, argv, match):
@@ -122,7 +137,7 @@ def _exit2(capsys, argv, match):
 
 
 def test_chain_user_errors_exit_2(tmp_path, capsys):
-    _exit2(capsys, ["chain", *CHAIN, "k.k=0", f"hydra.run.dir={tmp_path / 'a'}"], "k.k=0 must be ≥ 1")
+    _exit2(capsys, ["chain", *CHAIN, "k.k=0", f"hydra.run.dir={tmp_path / 'a'}"], "k.k=0: Input should be greater than or equal to 1")
     _exit2(capsys, ["chain", *CHAIN, "k.k=50", f"hydra.run.dir={tmp_path / 'b'}"], "exceeds the 128 units")
     inv = tmp_path / "inv.json"
     inv.write_text(json.dumps([{"layer": 0, "index": 999}]))

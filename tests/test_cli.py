@@ -73,7 +73,7 @@ def test_missing_model_and_unsupported_architecture_exit_2(tmp_path, capsys):
 @pytest.mark.parametrize("override, match", [
     ("model=nonexistent", "Could not find 'model/nonexistent'"),
     ("train.nonsense=1", "use +train.nonsense=1"),
-    ("train.epochs=0", "train.epochs=0 must be ≥ 1"),
+    ("train.epochs=0", "train.epochs=0: Input should be greater than or equal to 1"),
     ("round.suppress=[{layer: 9, index: 0}]", "out of range"),
 ])
 def test_bad_config_exit_2(tmp_path, capsys, override, match):

@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from crabsweep.methods.attribution import Recorder, cna, integrated_gradients
 from crabsweep.core.models import load_model
-from crabsweep.methods.relp import HalfProduct, linearized, relp_scores
+from crabsweep.methods.cna import run as cna_run
+from crabsweep.methods.ig import integrated_gradients
+from crabsweep.methods.relp import HalfProduct, linearized, run as relp_run
+from crabsweep.methods.streamed import Recorder
 from crabsweep.core.session import Session
 from crabsweep.core.tasks import collate
 from crabsweep.loop.train import token_losses
@@ -16,16 +18,14 @@ from .conftest import merged_base, randomize_lora_b, tiny_cfg
 
 
 def _step(session, batches, suppressed):
-    session.apply_suppression(suppressed)
-    rec = Recorder(session.space)
-    session.space.tap = rec
+    rec = Recorder(session)
     try:
-        for batch in batches:
-            session.model.zero_grad(set_to_none=True)
-            token_losses(session.model, batch, session.device)[0].backward()
-            rec.end_step()
+        with session.intervene(session.mask(suppressed)), session.observe(rec):
+            for batch in batches:
+                session.model.zero_grad(set_to_none=True)
+                token_losses(session.model, batch, session.device)[0].backward()
+                rec.end_step()
     finally:
-        session.space.tap = None
         session.model.zero_grad(set_to_none=True)
     return rec.scores(set(suppressed))
 
@@ -62,11 +62,10 @@ def test_attention_heads_grad_x_act_and_mask(make_session):
     hb = site.base_layer.register_forward_pre_hook(lambda m, a: seen.__setitem__("base", a[0].detach()))
     hl = site.lora_A["default"].register_forward_pre_hook(lambda m, a: seen.__setitem__("lora", a[0].detach()))
     with torch.no_grad():
-        session.apply_suppression([])
         token_losses(session.model, batches[0], "cpu")
         clean = dict(seen)
-        session.apply_suppression([(0, 1)])
-        token_losses(session.model, batches[0], "cpu")
+        with session.intervene(session.mask([(0, 1)])):
+            token_losses(session.model, batches[0], "cpu")
     hb.remove()
     hl.remove()
     for path in ("base", "lora"):
@@ -78,13 +77,12 @@ def test_attention_heads_grad_x_act_and_mask(make_session):
 # -- residual dims -------------------------------------------------------------------------------------
 def test_residual_dims_grad_x_act_max_grad_and_mask(make_session):
     session = make_session("suppression=residual_dim", "suppression.layers=[0]", "attribution=grad_x_act")
-    assert session.space.sizes == [32, 0]
+    assert session.basis.sizes == [32, 0]
     randomize_lora_b(session)
     batches = _batches(session)
     ours = _step(session, batches, [(0, 5)])
     layer0 = session.loaded.arch.decoder_layers(session.model)[0]
-    session.space.remove()            # brute force on the same model without our hooks
-    captured = {}
+    captured = {}                     # brute force on the same model, outside any scope of ours
 
     def grab(module, args, out):
         h = out[0] if isinstance(out, tuple) else out
@@ -104,7 +102,6 @@ def test_residual_dims_grad_x_act_max_grad_and_mask(make_session):
         gxa += (h * g).sum(0).abs().double()
         norms.append(g.pow(2).sum(0).sqrt().double())
     handle.remove()
-    session.space.install(session.model)
     torch.testing.assert_close(ours["grad_x_act"][0].double(), gxa, rtol=1e-4, atol=1e-9)
     expected_max = torch.maximum(norms[0], norms[1])
     expected_max[5] = 0.0
@@ -115,7 +112,7 @@ def test_residual_dims_grad_x_act_max_grad_and_mask(make_session):
 # -- MoE experts ---------------------------------------------------------------------------------------
 def test_moe_experts_grad_x_act_matches_the_weight_gradient_formula_and_finite_differences():
     session = Session(tiny_cfg("model=tiny_moe", "suppression=moe_expert", "attribution=grad_x_act", "dtype=fp64"))
-    space = session.space
+    space = session.basis
     batch = collate(session.task.train, session.pad_id)
     ours = _step(session, [batch], [(1, 2)])
     # explicit formula on a fresh model (no parametrization, no hooks): |Σ_h,j W[e,h,j]·∂L/∂W[e,h,j]|
@@ -146,8 +143,8 @@ def test_moe_experts_grad_x_act_matches_the_weight_gradient_formula_and_finite_d
     # masking expert 2 of layer 1 equals zeroing its down_proj slice by hand
     w1 = space.experts[1].parametrizations.down_proj.original
     with torch.no_grad():
-        masked = token_losses(session.model, batch, "cpu")[0]
-        session.apply_suppression([])
+        with session.intervene(session.mask([(1, 2)])):
+            masked = token_losses(session.model, batch, "cpu")[0]
         saved = w1[2].clone()
         w1[2] = 0
         by_hand = token_losses(session.model, batch, "cpu")[0]
@@ -164,19 +161,18 @@ def test_mean_and_multiplier_modes_touch_exactly_the_unit(make_session, mode, sc
     seen = {}
     h = site.base_layer.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0].detach()))
     batch = collate(session.task.train[:1], session.pad_id)
+    mask = session.mask([(0, 7)])           # (mean mode: the means are computed here, outside any scope)
     with torch.no_grad():
-        session.apply_suppression([])
         token_losses(session.model, batch, "cpu")
         clean = seen["x"]
-        session.apply_suppression([(0, 7)])
-        token_losses(session.model, batch, "cpu")
+        with session.intervene(mask):
+            token_losses(session.model, batch, "cpu")
     h.remove()
     x = seen["x"]
     if mode == "mean":
         prompt = session.task.train
         acts = []
         hh = site.base_layer.register_forward_pre_hook(lambda m, a: acts.append(a[0][0, :, 7].detach()))
-        session.apply_suppression([])
         with torch.no_grad(), session.model.disable_adapter():
             for ex in prompt:
                 session.model(input_ids=ex.prompt_ids[None])
@@ -194,8 +190,9 @@ def test_mean_and_multiplier_modes_touch_exactly_the_unit(make_session, mode, sc
 def test_integrated_gradients_completeness_within_5_percent(make_session, granularity):
     session = make_session(f"suppression={granularity}", "attribution=integrated_gradients")
     randomize_lora_b(session, std=0.2)
-    session.apply_suppression([(0, 1)])
-    scores, check = integrated_gradients(session, n_steps=64)
+    mask = session.mask([(0, 1)])
+    with session.intervene(mask):
+        scores, check = integrated_gradients(session, mask, n_steps=64)
     assert abs(check["loss_actual"] - check["loss_baseline"]) > 1e-3        # a non-trivial path
     assert check["ratio"] == pytest.approx(1.0, abs=0.05)
     assert scores[0][1] == 0.0                                                # suppressed: x = b, no path
@@ -204,8 +201,8 @@ def test_integrated_gradients_completeness_within_5_percent(make_session, granul
 def test_cna_equals_adapted_minus_base_mean_activation(make_session):
     session = make_session("attribution=cna")
     randomize_lora_b(session, std=0.2)
-    session.apply_suppression([])
-    ours = cna(session, session.cfg.attribution)
+    scores, _ = cna_run(session, session.cfg.attribution, session.mask([]))
+    ours, signed = scores["cna"], scores["cna_signed"]
     site = session.loaded.arch.down_proj_of(session.loaded.arch.decoder_layers(session.model)[1])
     rows = {}
     h = site.base_layer.register_forward_pre_hook(lambda m, a: rows.setdefault(key[0], []).append(a[0][0].detach()))
@@ -224,22 +221,21 @@ def test_cna_equals_adapted_minus_base_mean_activation(make_session):
     h.remove()
     delta = torch.cat(rows[True]).double().mean(0) - torch.cat(rows[False]).double().mean(0)
     torch.testing.assert_close(ours[1].double(), delta.abs(), rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(signed[1].double(), delta, rtol=1e-4, atol=1e-7)      # the sign is kept
 
 
 @pytest.mark.parametrize("model", ["tiny_llama", "tiny_gemma3"])
 def test_relp_forward_unchanged_and_scores_are_grad_times_act_on_the_linearized_model(make_session, model):
     session = make_session(f"model={model}", "attribution=relp")
     randomize_lora_b(session, std=0.2)
-    session.apply_suppression([])
     batch = collate(session.task.train[:1], session.pad_id)
     with torch.no_grad():
         plain = session.model(input_ids=batch["input_ids"]).logits
         with linearized(session.model, session.loaded.arch):
             lin = session.model(input_ids=batch["input_ids"]).logits
     torch.testing.assert_close(lin, plain, rtol=1e-5, atol=1e-5)
-    ours = relp_scores(session)
-    # brute force: retain the down_proj inputs' gradients under the same linearization
-    session.space.remove()
+    ours = relp_run(session, session.cfg.attribution, session.mask([]))[0]["relp"]
+    # brute force: retain the down_proj inputs' gradients under the same linearization, no hooks of ours
     arch = session.loaded.arch
     sites = [arch.down_proj_of(layer) for layer in arch.decoder_layers(session.model)]
     kept = {}

@@ -26,6 +26,8 @@ PARTNERS = {
     ("k", "mass"): ["k.mass=0.05", "k.cap=5"],
     ("task", "critique"): ["task.max_prompt_tokens=64", "+task.heldout=[ferry]"],
     ("task", "json_extract"): ["task.max_prompt_tokens=64"],
+    ("adapter", "full"): ["attribution=grad_x_act", "train.lr=1e-3"],
+    ("adapter", "prompt_tuning"): ["attribution=grad_x_act", "train.lr=1e-2"],
 }
 SKIP = {("model", "smollm2_135m"), ("model", "gemma3_270m"), ("model", "hf"),   # real / external weights
         ("tracker", "wandb_online")}                                           # needs network and a login
@@ -40,7 +42,8 @@ def test_every_option_runs_a_two_round_chain(tmp_path, group, option):
     if group == "task" and option != "tiny":
         extra = [e for e in extra if not e.startswith("+task.heldout")]
     base = [b for b in BASE if not (b == "k.k=3" and group == "k" and option not in ("fixed", "per_layer"))]
-    assert main(["chain", *base, f"{group}={option}", *extra, f"hydra.run.dir={run}"]) == 0
+    choice = f"+{group}={option}" if group == "experiment" else f"{group}={option}"   # presets are added
+    assert main(["chain", *base, choice, *extra, f"hydra.run.dir={run}"]) == 0
     chain = read_json(run / "chain.json")
     assert [r["round"] for r in chain["rounds"]] == [0, 1, 2]
     for prev, cur in zip(chain["rounds"], chain["rounds"][1:]):
@@ -58,10 +61,11 @@ def test_every_suppression_mode_runs(tmp_path, mode):
     (["model=tiny_moe", "suppression=moe_expert", "attribution=relp"], "attribution=relp is not defined for suppression=moe_expert"),
     (["model=tiny_moe", "suppression=moe_expert", "attribution=grad_x_act", "suppression.mode=mean"],
      "suppression.mode=mean is not defined for suppression=moe_expert"),
-    (["attribution.normalize=rank"], "attribution.normalize=rank must be none or layer_zscore"),
+    (["attribution.normalize=rank"], "attribution.normalize='rank': Input should be 'none' or 'layer_zscore'"),
     (["suppression=moe_expert", "attribution=grad_x_act"], "needs an MoE model"),
-    (["k=schedule", "k.per_round=[3,0]"], "must be ≥ 1"),
-    (["k=fraction", "k.fraction=1.5"], "k.fraction=1.5 must be in (0, 1]"),
+    (["k=schedule", "k.per_round=[3,0]"], "k.per_round.1=0: Input should be greater than or equal to 1"),
+    (["k=fraction", "k.fraction=1.5"], "k.fraction=1.5: Input should be less than or equal to 1"),
+    (["adapter=prompt_tuning", "attribution=lora_a_grad"], "attribution=lora_a_grad needs adapter=lora"),
 ])
 def test_impossible_combinations_are_refused_with_exit_2(tmp_path, capsys, extra, match):
     base = [b for b in BASE if b != "k.k=3"] if any(e.startswith("k=") for e in extra) else BASE

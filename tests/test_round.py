@@ -54,7 +54,7 @@ def test_round_learns_records_exclude_suppressed_and_adapter_reloads(tmp_path):
 
 def test_attention_head_units_round():
     session = Session(tiny_cfg("suppression.granularity=attention_head", "train.epochs=1"))
-    assert session.space.sizes == [4, 4] and session.space.unit_dim == 8
+    assert session.basis.sizes == [4, 4] and session.basis.unit_dim == 8
     result = run_round(session, [(0, 1)])
     assert all(s[0][1] == 0 for s in result.scores.values())
     assert result.scores["grad_x_act"][0].shape == (4,)

@@ -1,13 +1,19 @@
-"""Config composition (Hydra's compose API) and validation with one-line errors.
+"""Config composition (Hydra's compose API), validation (config/schema.py) and Hydra's flags.
 
-Every command composes `conf/config.yaml` with its groups (model, task, adapter, attribution,
-suppression, …) and the user's `group=option key=value` overrides. The result is resolved and frozen:
-no interpolation survives into the saved `.hydra/config.yaml`, so a run can be reproduced from it.
+Every command composes `crabsweep/conf/config.yaml` (shipped inside the package) with its groups and
+the user's `group=option key=value` overrides, plus any folders of the user's own configs
+(`--config-dir DIR`, or `hydra.searchpath=[file:///dir]`). The result is resolved, validated once and
+frozen: no interpolation survives into the saved `.hydra/config.yaml`, so a run can be reproduced from it.
+
+Override rules beyond Hydra's: `sweep.params={…}` *replaces* the default search space (Hydra would merge
+dicts); a single parameter is set with `sweep.params.<key>=[…]` and removed with `~sweep.params.<key>`.
 """
 
 from __future__ import annotations
 
+import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -21,8 +27,9 @@ from omegaconf.errors import OmegaConfBaseException
 from .. import io
 from ..errors import UserError
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent          # the package: conf/ and data/ live inside it
 CONF_DIR = ROOT / "conf"
+REPLACE = ("sweep.params",)                             # dict overrides that replace instead of merging
 
 
 def _one_line(e: Exception) -> str:
@@ -30,78 +37,167 @@ def _one_line(e: Exception) -> str:
     return re.sub(r"\s*Full key: .*$", "", text)
 
 
-def compose_config(command: str, overrides: list[str]) -> tuple[DictConfig, Path]:
-    """Compose, resolve and validate the config for `command`; return it and the run dir."""
+def _prepare(overrides: list[str], config_dir: str | None) -> list[str]:
+    out = []
+    for o in overrides:
+        key = o.split("=", 1)[0]
+        if key in REPLACE and "=" in o:
+            out += [f"~{key}", f"+{o}"]
+        else:
+            out.append(o)
+    if config_dir is not None:
+        d = Path(config_dir).expanduser().resolve()
+        if not d.is_dir():
+            raise UserError(f"--config-dir {config_dir} is not a folder; pass a folder holding config groups")
+        out.append(f"hydra.searchpath=[file://{d}]")
+    return out
+
+
+@contextmanager
+def _hydra(command: str):
     setup_globals()
     if not OmegaConf.has_resolver("crabsweep_root"):
         OmegaConf.register_new_resolver("crabsweep_root", lambda: str(ROOT))
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name=command):
-            cfg = compose(config_name="config", overrides=[f"command={command}", *overrides],
-                          return_hydra_config=True)
-        HydraConfig.instance().set_config(cfg)
-        run_dir = Path(OmegaConf.select(cfg, "hydra.run.dir"))
-        with open_dict(cfg):
-            del cfg["hydra"]
-        OmegaConf.resolve(cfg)
+            yield
     except (HydraException, OmegaConfBaseException) as e:
         raise UserError(f"bad config: {_one_line(e)}") from e
     finally:
         GlobalHydra.instance().clear()
+
+
+def compose_raw(command: str, overrides: list[str], config_dir: str | None = None) -> DictConfig:
+    """The composed config with its `hydra` node, unresolved (what `--cfg` prints)."""
+    with _hydra(command):
+        cfg = compose(config_name="config", overrides=[f"command={command}", *_prepare(overrides, config_dir)],
+                      return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+    OmegaConf.set_readonly(cfg, False)
+    return cfg
+
+
+def compose_config(command: str, overrides: list[str], config_dir: str | None = None) -> tuple[DictConfig, Path]:
+    """Compose, resolve, validate and freeze the config for `command`; return it and the run dir."""
+    cfg = compose_raw(command, overrides, config_dir)
+    run_dir = Path(OmegaConf.select(cfg, "hydra.run.dir"))
+    try:
+        with open_dict(cfg):
+            del cfg["hydra"]
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as e:
+        raise UserError(f"bad config: {_one_line(e)}") from e
     OmegaConf.set_readonly(cfg, True)
+    from .schema import validate
     validate(cfg)
     return cfg, run_dir
 
 
+def show_config(command: str, overrides: list[str], what: str, resolve: bool = False, package: str | None = None,
+                config_dir: str | None = None) -> str:
+    """`--cfg job|hydra|all`: the composed config as YAML; nothing runs, nothing is written."""
+    cfg = compose_raw(command, overrides, config_dir)
+    if what == "job":
+        with open_dict(cfg):
+            del cfg["hydra"]
+    elif what == "hydra":
+        cfg = cfg.hydra
+    if package:
+        cfg = OmegaConf.select(cfg, package)
+        if cfg is None:
+            raise UserError(f"--package {package} is not in the config")
+        if not isinstance(cfg, DictConfig):
+            return f"{cfg}\n"
+    if resolve:
+        OmegaConf.resolve(cfg)
+    return OmegaConf.to_yaml(cfg)
+
+
+def group_options(config_dir: str | None = None) -> dict[str, list[str]]:
+    """Config groups and their options (the shipped ones and a --config-dir's)."""
+    out: dict[str, set[str]] = {}
+    for d in [CONF_DIR] + ([Path(config_dir)] if config_dir else []):
+        for g in sorted(p for p in d.iterdir() if p.is_dir()):
+            out.setdefault(g.name, set()).update(f.stem for f in g.glob("*.yaml"))
+    return {g: sorted(opts) for g, opts in sorted(out.items())}
+
+
+def _hydra_app(command: str):
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_config_search_path
+    setup_globals()
+    if not OmegaConf.has_resolver("crabsweep_root"):
+        OmegaConf.register_new_resolver("crabsweep_root", lambda: str(ROOT))
+    search_path = create_config_search_path(str(CONF_DIR))
+    GlobalHydra.instance().clear()
+    return Hydra.create_main_hydra2(task_name=command, config_search_path=search_path)
+
+
+def hydra_info(command: str, overrides: list[str], info: str, config_dir: str | None = None) -> None:
+    """`--info`: Hydra's own report on the search path, defaults and composed config."""
+    app = _hydra_app(command)
+    try:
+        app.show_info(info, config_name="config", overrides=[f"command={command}", *_prepare(overrides, config_dir)])
+    except (HydraException, OmegaConfBaseException) as e:
+        raise UserError(f"bad config: {_one_line(e)}") from e
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def shell_completion(overrides: list[str], command: str | None = None) -> None:
+    """`--shell-completion install=bash|query=bash`: Hydra's completion, command word included."""
+    line = os.environ.get("COMP_LINE")
+    if any(o.startswith("query=") for o in overrides) and line is not None:
+        from ..commands import COMMANDS
+        typed = line.split(" ")
+        if len(typed) <= 2:                          # completing the command word itself
+            print(" ".join(c for c in COMMANDS if c.startswith(typed[-1])))
+            return
+        command = command or typed[1]
+        os.environ["COMP_LINE"] = " ".join([typed[0], *typed[2:]])
+    app = _hydra_app(command or "chain")
+    import sys
+    argv0, sys.argv[0] = sys.argv[0], "crabsweep"       # the completion is for the console script
+    try:
+        app.shell_completion(config_name="config", overrides=overrides)
+    finally:
+        sys.argv[0] = argv0
+        GlobalHydra.instance().clear()
+
+
+def expand_multirun(overrides: list[str]) -> list[list[str]]:
+    """Hydra's basic sweeper: `a=1,2 b=x,y` → the cross product as lists of overrides."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as e:
+        raise UserError(f"bad override: {_one_line(e)}") from e
+    batches = BasicSweeper.split_arguments(parsed, max_batch_size=None)
+    return [list(job) for batch in batches for job in batch]
+
+
+def sweep_dir(command: str, overrides: list[str], config_dir: str | None = None) -> Path:
+    first = expand_multirun(overrides)[0]
+    return Path(OmegaConf.select(compose_raw(command, first, config_dir), "hydra.sweep.dir"))
+
+
 def save_config(cfg: DictConfig, overrides: list[str], run_dir: Path) -> None:
-    io.write_text(run_dir / ".hydra" / "config.yaml", OmegaConf.to_yaml(cfg))
-    io.write_text(run_dir / ".hydra" / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
+    from ..redact import redact_config, redact_text
+    io.write_text(run_dir / ".hydra" / "config.yaml", OmegaConf.to_yaml(redact_config(cfg)))
+    io.write_text(run_dir / ".hydra" / "overrides.yaml",
+                  OmegaConf.to_yaml(OmegaConf.create([redact_text(o) for o in overrides])))
 
 
 def load_saved_config(run_dir: str | Path) -> DictConfig:
     path = Path(run_dir) / ".hydra" / "config.yaml"
     if not path.exists():
         raise UserError(f"{run_dir} holds no .hydra/config.yaml; pass the folder of a crabsweep run")
-    return OmegaConf.load(path)
-
-
-def _require(cond: bool, message: str) -> None:
-    if not cond:
-        raise UserError(message)
-
-
-def validate(cfg: DictConfig) -> None:
-    """Cheap checks that turn impossible settings into one clear line before anything loads."""
-    t = cfg.train
-    _require(int(t.epochs) >= 1, f"train.epochs={t.epochs} must be ≥ 1")
-    _require(int(t.batch_size) >= 1, f"train.batch_size={t.batch_size} must be ≥ 1")
-    _require(float(t.lr) > 0 and float(t.lr_min) >= 0, "train.lr must be > 0 and train.lr_min ≥ 0")
-    _require(float(t.lr_min) <= float(t.lr), f"train.lr_min={t.lr_min} must not exceed train.lr={t.lr}")
-    a = cfg.adapter
-    _require(int(a.r) >= 1, f"adapter.r={a.r} must be ≥ 1")
-    _require(0.0 <= float(a.dropout) < 1.0, f"adapter.dropout={a.dropout} must be in [0, 1)")
-    _require(len(a.target_modules) > 0, "adapter.target_modules is empty; list the modules to adapt")
-    _require(int(cfg.task.max_prompt_tokens) >= 1, "task.max_prompt_tokens must be ≥ 1")
-    _require(int(cfg.eval.max_new_tokens) >= 0, "eval.max_new_tokens must be ≥ 0")
-    _require(int(cfg.eval.batch_size) >= 1, "eval.batch_size must be ≥ 1")
-    c = cfg.chain
-    _require(int(c.rounds) >= 0, f"chain.rounds={c.rounds} must be ≥ 0")
-    _require(c.control in ("last", "every", "none"), f"chain.control={c.control} must be last, every or none")
-    from ..methods.attribution import POSTHOC, STREAMED
-    from ..core.basis import SPACES
-    s, a = cfg.suppression, cfg.attribution
-    _require(s.granularity in SPACES, f"suppression.granularity={s.granularity} is unknown; choose from {sorted(SPACES)}")
-    space = SPACES[s.granularity]
-    _require(a.name in STREAMED + POSTHOC, f"attribution={a.name} is unknown; choose from {STREAMED + POSTHOC}")
-    _require(a.name in space.supports, f"attribution={a.name} is not defined for suppression={s.granularity}; "
-                                       f"choose one of {', '.join(space.supports)}")
-    _require(s.mode in space.modes, f"suppression.mode={s.mode} is not defined for suppression={s.granularity}; "
-                                    f"choose one of {', '.join(space.modes)}")
-    _require(a.get("normalize", "none") in ("none", "layer_zscore"),
-             f"attribution.normalize={a.get('normalize')} must be none or layer_zscore")
-    if a.name == "integrated_gradients":
-        _require(int(a.n_steps) >= 1, f"attribution.n_steps={a.n_steps} must be ≥ 1")
+    try:
+        return OmegaConf.load(path)
+    except (OmegaConfBaseException, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"{path} is not a readable config ({type(e).__name__}); pass the folder of a crabsweep run") from e
 
 
 def first_difference(a, b, path: str = "") -> str | None:
@@ -127,8 +223,9 @@ def check_run_dir(cfg: DictConfig, run_dir: Path) -> None:
     """A run dir that already holds a config must hold this one (then the command resumes)."""
     path = run_dir / ".hydra" / "config.yaml"
     if path.exists():
-        saved = OmegaConf.to_container(OmegaConf.load(path))
-        diff = first_difference(saved, OmegaConf.to_container(cfg))
+        from ..redact import redact_config
+        saved = OmegaConf.to_container(load_saved_config(run_dir))
+        diff = first_difference(saved, OmegaConf.to_container(redact_config(cfg)))
         if diff:
             raise UserError(f"{run_dir} holds a different config ({diff}); use a new hydra.run.dir "
                             "or the same overrides to resume")

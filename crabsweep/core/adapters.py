@@ -94,8 +94,7 @@ class Lora(Adapter):
         if any(name.endswith(".experts") for name, _ in model.named_modules()):
             targets = [t for t in targets if t not in ("gate_proj", "up_proj", "down_proj")]
         config = PeftLora(r=int(self.cfg.r), lora_alpha=float(self.cfg.alpha), lora_dropout=float(self.cfg.dropout),
-                          target_modules=targets, bias="none", task_type="CAUSAL_LM",
-                          base_model_name_or_path=self.base_name)
+                          target_modules=targets, bias="none", task_type="CAUSAL_LM")
         self.model = get_peft_model(model, config)
         return self.model
 
@@ -207,8 +206,7 @@ class PromptTuning(Adapter):
 
     def wrap(self, model):
         from peft import PromptTuningConfig as PeftPT, get_peft_model
-        config = PeftPT(task_type="CAUSAL_LM", num_virtual_tokens=self.n_virtual_tokens, prompt_tuning_init="RANDOM",
-                        base_model_name_or_path=self.base_name)
+        config = PeftPT(task_type="CAUSAL_LM", num_virtual_tokens=self.n_virtual_tokens, prompt_tuning_init="RANDOM")
         self.model = get_peft_model(model, config)
         return self.model
 

@@ -1,214 +1,237 @@
-"""Unit spaces: where the units of a granularity live, how they are captured and suppressed.
+"""Bases: where the units of a granularity live, and how values (interventions, observers) reach them.
 
-Every granularity is a `UnitSpace`: one *site* module per layer whose input (or, for residual dims,
-output) has `n_units × unit_dim` features in its last dimension (an MLP neuron is one input column of
-`down_proj`, unit_dim 1; an attention head is `head_dim` input columns of `o_proj`; a residual dim is
-one feature of a decoder layer's output). One hook per site — a forward pre-hook registered on the
-**PEFT-wrapped** module, so that the base path and the LoRA path both see it — does every job:
+A basis splits its units into *groups* — one per decoder layer for the per-layer granularities — and
+knows each group's *site*: the module whose input (`hook="pre"`) or output (`hook="post"`) holds the
+group's `sizes[g] × unit_dim` features in its last dimension. A unit is the small value
+`Unit(group, index)`; the basis says which layers it spans and writes it as JSON (`{"layer", "index"}`
+for the per-layer granularities, as in every record).
 
-    x ← x · α + β               suppression: α, β per feature, from the suppressed units and the mode
-    x ← b + t·(x − b)           an integrated-gradients path point t, b the units' suppressed values
-    tap(layer, x, δ)            capture: activation (δ = x, or x − b on a path) and, via a gradient
-                                hook on x, ∂L/∂x — for every attribution method
-MoE experts are fused 3-D parameters that no hook can split: `MoEExperts` masks each expert's
-`down_proj` slice through a parametrization and reads its statistics from that weight's gradient.
+Registered granularities (`suppression=<name>`):
+  mlp_neuron      input columns of each layer's `down_proj` (the act(gate)·up features)
+  attention_head  `head_dim`-wide slices of each layer's `o_proj` input
+  residual_dim    dimensions of the decoder layers' outputs, for the layers in `suppression.layers`
+  moe_expert      (layer, expert) of transformers-5 fused experts; masked by a parametrization of
+                  `experts.down_proj`, attributed from that weight's gradient (no per-token hook)
 
-Suppression modes (`suppression.mode`): `zero` (α=0), `multiplier` (α=scale: 0 ablates, 1 is a no-op,
->1 amplifies, <0 flips) and `mean` (α=0, β=the unit's mean activation, given by the caller).
-A unit is `(layer, index)`, recorded as `{"layer": int, "index": int}`.
+`apply(model, intervention)` and `observe(model, tap)` register one hook per touched site and return a
+handle whose `remove()` undoes exactly that — `Session.intervene` / `Session.observe` scope them. Sites
+are looked up on the model they are given, so on a PEFT-wrapped model the hook sits on the wrapper and
+sees the base and adapter paths alike.
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
-from functools import partial
+from typing import Literal, NamedTuple
 
 import torch
+from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from ..errors import UserError
+from ..registry import Registry
 from .models import LoadedModel, text_config
 
-Unit = tuple[int, int]
-Tap = Callable[[int, torch.Tensor, torch.Tensor], None]
-MODES = ("zero", "mean", "multiplier")
+Tap = Callable[[int, torch.Tensor, torch.Tensor], None]   # (group, x carrying the gradient, activation)
+GRANULARITIES = Registry("granularity", key="suppression")
 
 
-def unit_json(u: Unit) -> dict:
-    return {"layer": int(u[0]), "index": int(u[1])}
+class Unit(NamedTuple):
+    """A unit: its group (the layer, for per-layer granularities) and its index within the group."""
+
+    group: int
+    index: int
 
 
-def unit_from_json(d) -> Unit:
-    return (int(d["layer"]), int(d["index"]))
+class Handle:
+    """Undoes what a basis did to a model: removes hooks, restores state. Idempotent."""
+
+    def __init__(self, *undo: Callable[[], None]):
+        self._undo = list(undo)
+
+    def add(self, fn: Callable[[], None]) -> None:
+        self._undo.append(fn)
+
+    def remove(self) -> None:
+        while self._undo:
+            self._undo.pop()()
 
 
-class UnitSpace(ABC):
-    """A granularity: per-layer site modules whose input features group into units."""
+class Positions:
+    """Absolute positions of the tokens a forward pass processes (KV-cache aware, virtual tokens removed)."""
 
+    def __init__(self, offset: int = 0):
+        self.offset, self.start = offset, 0
+
+    def attach(self, model: nn.Module, layers: nn.ModuleList) -> Handle:
+        backbone = next(m for m in model.modules() if any(c is layers for c in m.children()))
+
+        def pre(module, args, kwargs):
+            cache = kwargs.get("past_key_values")
+            self.start = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+        return Handle(backbone.register_forward_pre_hook(pre, with_kwargs=True).remove)
+
+    def mask(self, x: torch.Tensor, positions: tuple[int, ...]) -> torch.Tensor:
+        t = x.shape[-2]
+        pos = torch.arange(self.start, self.start + t, device=x.device) - self.offset
+        wanted = torch.tensor(positions, device=x.device)
+        wanted = torch.where(wanted < 0, wanted + int(pos.max()) + 1, wanted) if (wanted < 0).any() else wanted
+        return torch.isin(pos, wanted).unsqueeze(-1)
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    granularity: str
+    mode: Literal["zero", "mean", "multiplier"] = "zero"
+    scale: float = 0.0
+
+
+class Basis:
     name = "abstract"
-    hook = "pre"                     # the units are the site's input ("pre") or output ("post")
-    supports = ("lora_a_grad", "grad_norm", "grad_x_act", "max_grad", "integrated_gradients", "cna", "relp")
-    modes = ("zero", "mean", "multiplier")
+    hook: Literal["pre", "post"] = "pre"
+    modes: tuple[str, ...] = ("zero", "mean", "multiplier")
 
     def __init__(self, loaded: LoadedModel, sizes: list[int], unit_dim: int):
-        self.loaded = loaded
-        self.sizes = sizes
-        self.unit_dim = unit_dim
-        self.tap: Tap | None = None
-        self.path: float | None = None      # integrated-gradients path point t in [0, 1]
-        self.mode, self.scale, self.means = "zero", 0.0, None
-        self._alpha: list[torch.Tensor | None] = [None] * len(sizes)
-        self._beta: list[torch.Tensor | None] = [None] * len(sizes)
-        self._handles: list = []
-        self._sites: list[nn.Module] = []
+        self.loaded, self.sizes, self.unit_dim = loaded, list(sizes), unit_dim
+        self.device, self.dtype = loaded.device, loaded.dtype
 
-    # -- what the units are ------------------------------------------------------------------------
-    @abstractmethod
+    # -- what the units are -------------------------------------------------------------------------
     def site_of(self, layer: nn.Module) -> nn.Module:
-        """The module whose input holds this layer's units."""
+        raise NotImplementedError
+
+    def sites(self, model: nn.Module) -> list[nn.Module]:
+        return [self.site_of(layer) for layer in self.loaded.arch.decoder_layers(model)]
 
     @property
     def n_units(self) -> int:
         return sum(self.sizes)
 
-    def check(self, units: Iterable[Unit], what: str = "unit") -> None:
-        for layer, index in units:
-            if not (0 <= layer < len(self.sizes) and 0 <= index < self.sizes[layer]):
-                have = self.sizes[layer] if 0 <= layer < len(self.sizes) else 0
-                raise UserError(f"{what} (layer {layer}, index {index}) is out of range for {self.name} on this "
-                                f"model ({len(self.sizes)} layers; {have} units in that layer); fix the unit list")
+    @property
+    def groups(self) -> list[int]:
+        return [g for g, n in enumerate(self.sizes) if n]
 
-    # -- hooks -------------------------------------------------------------------------------------
-    def install(self, model: nn.Module) -> None:
-        """Register one pre-hook per site on `model` (call after PEFT wrapping)."""
-        self.remove()
-        self._sites = [self.site_of(layer) for layer in self.loaded.arch.decoder_layers(model)]
-        for i, site in enumerate(self._sites):
-            if not self.sizes[i]:
-                continue
-            if self.hook == "pre":
-                self._handles.append(site.register_forward_pre_hook(partial(self._pre_hook, i)))
-            else:
-                self._handles.append(site.register_forward_hook(partial(self._post_hook, i)))
+    def layers_of(self, unit: Unit) -> tuple[int, ...]:
+        return (int(unit[0]),)
 
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+    def units(self) -> list[Unit]:
+        return [Unit(g, i) for g, n in enumerate(self.sizes) for i in range(n)]
 
-    def _pre_hook(self, layer: int, module: nn.Module, args: tuple):
-        return (self._transform(layer, args[0]), *args[1:])
+    def check(self, units: Iterable, what: str = "unit") -> list[Unit]:
+        out = []
+        for u in units:
+            g, i = u
+            if not (isinstance(g, int) and isinstance(i, int) and 0 <= g < len(self.sizes) and 0 <= i < self.sizes[g]):
+                have = self.sizes[g] if isinstance(g, int) and 0 <= g < len(self.sizes) else 0
+                raise UserError(f"{what} (layer {g}, index {i}) is out of range for {self.name} on this model "
+                                f"({len(self.sizes)} layers; {have} units in that layer); fix the unit list")
+            out.append(Unit(g, i))
+        return out
 
-    def _post_hook(self, layer: int, module: nn.Module, args: tuple, out):
-        if isinstance(out, tuple):
-            return (self._transform(layer, out[0]), *out[1:])
-        return self._transform(layer, out)
+    def unit_json(self, u) -> dict:
+        return {"layer": int(u[0]), "index": int(u[1])}
 
-    def _transform(self, layer: int, raw: torch.Tensor) -> torch.Tensor:
-        x = raw
-        alpha = self._alpha[layer]
-        if alpha is not None:
-            x = x * alpha + self._beta[layer] if self._beta[layer] is not None else x * alpha
-        delta = None
-        if self.path is not None:         # b + t·(x − b), b = every unit at its suppressed value
-            b = self._suppressed_value(layer, raw)
-            delta = (x - b).detach()
-            x = b + self.path * (x - b)
-        if self.tap is not None:
-            if torch.is_grad_enabled() and not x.requires_grad:   # nothing trainable upstream
-                x = x.detach().requires_grad_(True)
-            self.tap(layer, x, x.detach() if delta is None else delta)
-        return x
+    def unit_from_json(self, d) -> Unit:
+        return unit_from_json(d)
 
-    def _suppressed_value(self, layer: int, raw: torch.Tensor) -> torch.Tensor:
-        if self.mode == "multiplier":
-            return raw * self.scale
-        if self.mode == "mean":
-            return self.means[layer].to(raw.dtype).expand_as(raw)
-        return torch.zeros_like(raw)
-
-    # -- suppression -------------------------------------------------------------------------------
-    def set_suppression(self, units: Iterable[Unit], mode: str = "zero", scale: float = 0.0,
-                        means: list[torch.Tensor] | None = None) -> None:
-        """Suppress `units` from now on (replaces any earlier set). An empty set removes the mask."""
-        if mode not in self.modes:
-            raise UserError(f"suppression.mode={mode} is not defined for {self.name}; choose from {', '.join(self.modes)}")
-        if mode == "mean" and means is None:
-            raise UserError("suppression.mode=mean needs the units' mean activations")
-        self.mode, self.scale, self.means = mode, float(scale), means
-        units = list(units)
-        self.check(units)
-        by_layer: dict[int, list[int]] = {}
-        for layer, index in units:
-            by_layer.setdefault(layer, []).append(index)
-        dev, dt = self.loaded.device, self.loaded.dtype
-        self._alpha = [None] * len(self.sizes)
-        self._beta = [None] * len(self.sizes)
-        for layer, idx in by_layer.items():
-            s = torch.zeros(self.sizes[layer], dtype=torch.float32)
-            s[idx] = 1.0
-            factor = scale if mode == "multiplier" else 0.0
-            alpha = 1.0 - s + factor * s
-            self._alpha[layer] = alpha.repeat_interleave(self.unit_dim).to(dev, dt)
-            if mode == "mean":
-                beta = means[layer].float().reshape(self.sizes[layer], self.unit_dim) * s[:, None]
-                self._beta[layer] = beta.flatten().to(dev, dt)
-
-    # -- views used by attribution -----------------------------------------------------------------
-    def unit_view(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+    def view(self, x: torch.Tensor, group: int) -> torch.Tensor:
         """[..., n·d] → [tokens, n, d]."""
-        return x.reshape(-1, self.sizes[layer], self.unit_dim)
+        return x.reshape(-1, self.sizes[group], self.unit_dim)
 
-    def lora_a_grad(self, layer: int, adapter: str = "default") -> torch.Tensor:
-        """Per-unit L2 norm of ∂L/∂A over the rank rows (and the unit's features) at this site."""
-        lora_a = getattr(self._sites[layer], "lora_A", None)
-        if lora_a is None or adapter not in lora_a or lora_a[adapter].weight.grad is None:
-            raise UserError(f"lora_a_grad needs a LoRA adapter on the {self.name} site; "
-                            f"add it to adapter.target_modules or pick another attribution")
-        g = lora_a[adapter].weight.grad.float()            # [r, n·d]
-        return g.reshape(g.shape[0], self.sizes[layer], self.unit_dim).pow(2).sum((0, 2)).sqrt()
+    # -- applying values ----------------------------------------------------------------------------
+    def _register(self, model: nn.Module, group: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> Handle:
+        site = self.sites(model)[group]
+        if self.hook == "pre":
+            return Handle(site.register_forward_pre_hook(lambda m, args: (fn(args[0]), *args[1:])).remove)
+
+        def post(m, args, out):
+            return (fn(out[0]), *out[1:]) if isinstance(out, tuple) else fn(out)
+        return Handle(site.register_forward_hook(post).remove)
+
+    def apply(self, model: nn.Module, intervention, positions: Positions | None = None) -> Handle:
+        """Register `intervention` (a value from core/interventions.py) on every group it touches."""
+        handle = Handle()
+        where = intervention.positions
+        for g in self.groups:
+            edit = intervention.compile(self, g)
+            if edit is None:
+                continue
+            if where is not None:
+                tracker = positions
+                edit = (lambda e: lambda x: torch.where(tracker.mask(x, where), e(x), x))(edit)
+            handle.add(self._register(model, g, edit).remove)
+        return handle
+
+    def observe(self, model: nn.Module, tap: Tap) -> Handle:
+        """Call `tap(group, x, x.detach())` on every site's features; x carries ∂L/∂x (register a hook on it)."""
+        handle = Handle()
+        for g in self.groups:
+            def fn(x, g=g):
+                if torch.is_grad_enabled() and not x.requires_grad:   # nothing trainable upstream
+                    x = x.detach().requires_grad_(True)
+                tap(g, x, x.detach())
+                return x
+            handle.add(self._register(model, g, fn).remove)
+        return handle
+
+    weight_stats = None     # MoE experts: per-unit statistics from a weight gradient instead of taps
 
 
-class MLPNeurons(UnitSpace):
+def unit_from_json(d) -> Unit:
+    """`{"layer": int, "index": int}` (or a [layer, index] pair) → Unit; floats or strings are refused."""
+    g, i = (d["layer"], d["index"]) if isinstance(d, dict) else (d[0], d[1])
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (g, i)):
+        raise UserError(f"unit {d!r}: layer and index must be integers")
+    return Unit(g, i)
+
+
+# --------------------------------------------------------------------------------------------------
+@GRANULARITIES.register("mlp_neuron", config=_Config)
+class MLPNeurons(Basis):
     """MLP neurons: input columns of each layer's `down_proj` (the act(gate)·up features)."""
 
     name = "mlp_neuron"
 
-    def __init__(self, loaded: LoadedModel):
+    def __init__(self, loaded: LoadedModel, cfg=None):
         layers = loaded.arch.decoder_layers(loaded.model)
-        sizes = [loaded.arch.down_proj_of(layer).in_features for layer in layers]
-        super().__init__(loaded, sizes, unit_dim=1)
+        super().__init__(loaded, [loaded.arch.down_proj_of(layer).in_features for layer in layers], unit_dim=1)
 
     def site_of(self, layer):
         return self.loaded.arch.down_proj_of(layer)
 
 
-class AttentionHeads(UnitSpace):
+@GRANULARITIES.register("attention_head", config=_Config)
+class AttentionHeads(Basis):
     """Attention heads: `head_dim`-wide slices of each layer's `o_proj` input."""
 
     name = "attention_head"
 
-    def __init__(self, loaded: LoadedModel):
-        cfg = text_config(loaded.model.config)
-        heads = cfg.num_attention_heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    def __init__(self, loaded: LoadedModel, cfg=None):
+        c = text_config(loaded.model.config)
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         n = len(loaded.arch.decoder_layers(loaded.model))
-        super().__init__(loaded, [heads] * n, unit_dim=head_dim)
+        super().__init__(loaded, [c.num_attention_heads] * n, unit_dim=head_dim)
 
     def site_of(self, layer):
         return self.loaded.arch.o_proj_of(layer)
 
 
-class ResidualDims(UnitSpace):
-    """Residual-stream dimensions after the decoder layers in `suppression.layers` (the layer's output)."""
+class _ResidualConfig(_Config):
+    layers: list[int] | None = None
+
+
+@GRANULARITIES.register("residual_dim", config=_ResidualConfig)
+class ResidualDims(Basis):
+    """Residual-stream dimensions after the decoder layers in `suppression.layers` (negative: from the end)."""
 
     name = "residual_dim"
     hook = "post"
-    supports = ("grad_norm", "grad_x_act", "max_grad", "integrated_gradients", "cna", "relp")
 
-    def __init__(self, loaded: LoadedModel, layers):
+    def __init__(self, loaded: LoadedModel, cfg=None):
         n = len(loaded.arch.decoder_layers(loaded.model))
+        layers = None if cfg is None else cfg.get("layers")
+        for x in layers or []:
+            if not -n <= int(x) < n:
+                raise UserError(f"suppression.layers has layer {x}, but the model has {n} layers (0..{n - 1})")
         chosen = set(range(n)) if layers is None else {int(x) % n for x in layers}
         hidden = text_config(loaded.model.config).hidden_size
         super().__init__(loaded, [hidden if i in chosen else 0 for i in range(n)], unit_dim=1)
@@ -228,68 +251,61 @@ class _ExpertMask(nn.Module):
         return w * self.m.to(w.dtype)[:, None, None]
 
 
-class MoEExperts(UnitSpace):
+@GRANULARITIES.register("moe_expert", config=_Config)
+class MoEExperts(Basis):
     """MoE experts (transformers 5 fused `experts.down_proj [E, H, I]`): units are (layer, expert).
 
-    Suppression masks the expert's `down_proj` slice; attribution comes from that weight's gradient:
-    Σ_h,j W[e,h,j]·∂L/∂W[e,h,j] = Σ_tokens Σ_j a_ej·∂L/∂a_ej (grad × activation of the expert)."""
+    A mask or scale multiplies the expert's `down_proj` slice (a parametrization installed once);
+    attribution comes from that weight's gradient: Σ_h,j W[e,h,j]·∂L/∂W[e,h,j] = Σ_tokens Σ_j a_ej·∂L/∂a_ej."""
 
     name = "moe_expert"
-    supports = ("grad_norm", "grad_x_act", "max_grad")
     modes = ("zero", "multiplier")
 
-    def __init__(self, loaded: LoadedModel):
+    def __init__(self, loaded: LoadedModel, cfg=None):
         if loaded.arch.experts is None:
             raise UserError(f"suppression=moe_expert needs an MoE model; {loaded.arch.name} has no experts "
                             "(use e.g. model=tiny_moe)")
+        from torch.nn.utils import parametrize
         self.experts = [getattr(loaded.arch.mlp_of(layer), loaded.arch.experts)
                         for layer in loaded.arch.decoder_layers(loaded.model)]
-        super().__init__(loaded, [int(e.down_proj.shape[0]) for e in self.experts], unit_dim=1)
-
-    def site_of(self, layer):
-        return getattr(self.loaded.arch.mlp_of(layer), self.loaded.arch.experts)
-
-    def install(self, model: nn.Module) -> None:
-        from torch.nn.utils import parametrize
         for e in self.experts:
             if not parametrize.is_parametrized(e, "down_proj"):
                 parametrize.register_parametrization(e, "down_proj", _ExpertMask(e.down_proj.shape[0]))
             e.parametrizations.down_proj.original.requires_grad_(True)   # read, never optimized
+        super().__init__(loaded, [int(e.parametrizations.down_proj.original.shape[0]) for e in self.experts], 1)
 
-    def _masks(self):
-        return [e.parametrizations.down_proj[0].m for e in self.experts]
+    def site_of(self, layer):
+        return getattr(self.loaded.arch.mlp_of(layer), self.loaded.arch.experts)
 
-    def set_suppression(self, units, mode="zero", scale=0.0, means=None) -> None:
-        if mode not in self.modes:
-            raise UserError(f"suppression.mode={mode} is not defined for moe_expert; choose zero or multiplier")
-        units = list(units)
-        self.check(units)
-        self.mode, self.scale = mode, float(scale)
-        for m in self._masks():
-            m.fill_(1.0)
-        for layer, index in units:
-            self._masks()[layer][index] = self.scale if mode == "multiplier" else 0.0
+    def apply(self, model, intervention, positions=None) -> Handle:
+        from .interventions import Mask, Scale
+        if not isinstance(intervention, (Mask, Scale)) or intervention.positions is not None:
+            raise UserError(f"moe_expert units take only masks and scales at every position, not "
+                            f"{type(intervention).__name__}")
+        factor = intervention.multiplier if isinstance(intervention, Scale) else (
+            intervention.scale if intervention.mode == "multiplier" else 0.0)
+        masks = [e.parametrizations.down_proj[0].m for e in self.experts]
+        before = [m.clone() for m in masks]
+        for g, i in intervention.units:
+            masks[g][i] = masks[g][i] * factor
 
-    def weight_stats(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        def restore():
+            for m, b in zip(masks, before):
+                m.copy_(b)
+        return Handle(restore)
+
+    def observe(self, model, tap) -> Handle:
+        return Handle()
+
+    def weight_stats(self, group: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(Σ (∂L/∂W_e)², Σ W_e·∂L/∂W_e) per expert, from the unmasked weight and its gradient."""
-        w = self.experts[layer].parametrizations.down_proj.original
+        w = self.experts[group].parametrizations.down_proj.original
         if w.grad is None:
-            z = torch.zeros(self.sizes[layer], device=w.device)
+            z = torch.zeros(self.sizes[group], device=w.device)
             return z, z
         g = w.grad.float()
         return g.pow(2).sum((1, 2)), (w.detach().float() * g).sum((1, 2))
 
-    def lora_a_grad(self, layer: int, adapter: str = "default") -> torch.Tensor:
-        raise UserError("lora_a_grad is not defined for moe_expert (fused experts carry no LoRA)")
 
-
-SPACES: dict[str, type[UnitSpace]] = {"mlp_neuron": MLPNeurons, "attention_head": AttentionHeads,
-                                      "residual_dim": ResidualDims, "moe_expert": MoEExperts}
-
-
-def make_space(scfg, loaded: LoadedModel) -> UnitSpace:
-    if scfg.granularity not in SPACES:
-        raise UserError(f"unknown suppression granularity '{scfg.granularity}'; choose from {sorted(SPACES)}")
-    if scfg.granularity == "residual_dim":
-        return ResidualDims(loaded, scfg.get("layers"))
-    return SPACES[scfg.granularity](loaded)
+def make_basis(scfg, loaded: LoadedModel) -> Basis:
+    return GRANULARITIES.get(scfg.granularity).obj(loaded, scfg)

@@ -1,12 +1,16 @@
-"""Device, dtype and seeding: the one place that decides where tensors live.
+"""Device, precision and seeding: the one place that decides where tensors live and in what precision.
 
 `device=auto` picks CUDA when present, else CPU. `dtype=auto` is fp32 on CPU and bf16 on a GPU that
-supports it. Every other module asks here instead of probing the hardware itself.
+supports it. Base weights are loaded in that dtype; adapter parameters and optimizer state stay fp32,
+and `precision_context` (entered by `Session.precision()` around every forward) autocasts to the half
+precision so matmuls run in it while losses and attribution accumulators stay fp32. Every other module
+asks here instead of probing the hardware itself.
 """
 
 from __future__ import annotations
 
 import random
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -53,3 +57,10 @@ def generator(seed: int) -> torch.Generator:
     g = torch.Generator()
     g.manual_seed(seed)
     return g
+
+
+def precision_context(device: torch.device, dtype: torch.dtype):
+    """The context of every forward pass: autocast to half-precision weights' dtype, nothing for fp32/fp64."""
+    if dtype in (torch.bfloat16, torch.float16):
+        return torch.autocast(device_type=device.type, dtype=dtype)
+    return nullcontext()

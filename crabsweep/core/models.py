@@ -23,11 +23,15 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..registry import Registry
 from .device import resolve_device, resolve_dtype
 from ..errors import UserError
 from ..io import staged_dir, write_text
@@ -97,7 +101,7 @@ def architecture_for(config) -> Architecture:
             return arch
     supported = ", ".join(sorted(t for a in ARCHITECTURES.values() for t in a.model_types))
     raise UserError(f"unsupported architecture '{model_type}' (supported: {supported}); "
-                    "use one of these or add an entry to ARCHITECTURES in crabsweep/models.py")
+                    "use one of these or add an entry to ARCHITECTURES in crabsweep/core/models.py")
 
 
 def text_config(config):
@@ -108,6 +112,35 @@ def text_config(config):
 # --------------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------------
+SOURCES = Registry("model source", key="model.source")
+
+
+class _Source(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str = Field(min_length=1)
+
+
+class GGUFWheelConfig(_Source):
+    source: Literal["gguf_wheel"]
+    package: str
+    file: str
+    module: str | None = None
+    assemble: bool = False
+
+
+class HFConfig(_Source):
+    source: Literal["hf"]
+    path: str | None = None
+
+
+class TinyConfig(_Source):
+    source: Literal["tiny"]
+    config_class: str
+    model_class: str
+    seed: int = 0
+    config: dict
+
+
 @dataclass
 class LoadedModel:
     model: nn.Module
@@ -116,6 +149,7 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     fingerprint: dict = field(default_factory=dict)   # name, source, sha256 of weight files
+    base_path: str | None = None                       # a folder transformers loads this base model from
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
@@ -135,15 +169,7 @@ def load_model(mcfg, device: str = "auto", dtype: str = "auto", attn_implementat
     """Load the model described by the `model` config group, once per process."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    source = mcfg.source
-    if source == "gguf_wheel":
-        model, tok, fp = _load_gguf_wheel(mcfg, dt, attn_implementation)
-    elif source == "hf":
-        model, tok, fp = _load_hf(mcfg, dt, attn_implementation)
-    elif source == "tiny":
-        model, tok, fp = _build_tiny(mcfg, dt, attn_implementation)
-    else:
-        raise UserError(f"unknown model.source '{source}'; use gguf_wheel, hf or tiny")
+    model, tok, fp, base = SOURCES.get(mcfg.source).obj(mcfg, dt, attn_implementation)
     arch = architecture_for(text_config(model.config))
     model.to(dev)
     model.eval()
@@ -151,16 +177,23 @@ def load_model(mcfg, device: str = "auto", dtype: str = "auto", attn_implementat
         p.requires_grad_(False)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    fp = {"name": mcfg.name, "source": source, **fp}
+    fp = {"name": mcfg.name, "source": mcfg.source, **fp}
     log.info("loaded %s (%s, %d layers) on %s/%s", mcfg.name, arch.name,
              len(arch.decoder_layers(model)), dev, str(dt).replace("torch.", ""))
-    return LoadedModel(model, tok, arch, dev, dt, fp)
+    return LoadedModel(model, tok, arch, dev, dt, fp, base)
 
 
 def _from_pretrained(path: str, dt, attn, **kw):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(path, **kw)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, attn_implementation=attn, **kw)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, **kw)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, attn_implementation=attn, **kw)
+    except (OSError, ValueError, ImportError) as e:
+        if os.path.isdir(path):
+            raise UserError(f"'{path}' is not a loadable transformers checkpoint ({type(e).__name__}: "
+                            f"{' '.join(str(e).split())[:160]}); point model.path at a folder with config.json, "
+                            "tokenizer files and weights") from e
+        raise
     return model, tok
 
 
@@ -188,14 +221,16 @@ def _gguf_path(mcfg) -> Path:
     return _wheel_file(mcfg.package, mcfg.file)
 
 
+@SOURCES.register("gguf_wheel", config=GGUFWheelConfig)
 def _load_gguf_wheel(mcfg, dt, attn):
+    """A GGUF file shipped inside a pip package, dequantized once and cached as safetensors."""
     gguf = _gguf_path(mcfg)
     digest = _cached_sha256(gguf)
     target = cache_dir() / "models" / f"{mcfg.name}-{digest[:16]}"
     if not (target / "config.json").exists():
         _dequantize_to_cache(gguf, target)
     model, tok = _from_pretrained(str(target), dt, attn)
-    return model, tok, {"weights": {gguf.name: digest}}
+    return model, tok, {"weights": {gguf.name: digest}}, str(target)
 
 
 def _cached_sha256(path: Path) -> str:
@@ -203,7 +238,10 @@ def _cached_sha256(path: Path) -> str:
     stat = path.stat()
     memo = cache_dir() / "sha256.json"
     key = f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
-    known = json.loads(memo.read_text()) if memo.exists() else {}
+    try:
+        known = json.loads(memo.read_text()) if memo.exists() else {}
+    except ValueError:
+        known = {}
     if key not in known:
         known[key] = sha256_file(path)
         write_text(memo, json.dumps(known, indent=1))
@@ -219,20 +257,29 @@ def _dequantize_to_cache(gguf: Path, target: Path) -> None:
     model.hf_quantizer = None                      # weights are already dequantized to fp32
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    with staged_dir(target) as tmp:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+    try:
+        with staged_dir(target) as tmp:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+    except OSError:
+        if not (target / "config.json").exists():   # another process converting the same file wins the race
+            raise
 
 
+@SOURCES.register("hf", config=HFConfig)
 def _load_hf(mcfg, dt, attn):
+    """A local HF checkpoint folder, or a hub id for users with network."""
     path = mcfg.get("path")
     if not path:
         raise UserError("model=hf needs model.path=<local checkpoint dir or hub id>")
     path = os.path.expanduser(str(path))
     if os.path.isdir(path):
+        if not (Path(path) / "config.json").is_file():
+            raise UserError(f"model path '{path}' has no config.json; point model.path at a transformers "
+                            "checkpoint folder (config.json, tokenizer files, weights)")
         weights = sorted(p for p in Path(path).iterdir() if p.suffix in (".safetensors", ".bin", ".gguf"))
         model, tok = _from_pretrained(path, dt, attn)
-        return model, tok, {"weights": {p.name: sha256_file(p) for p in weights}}
+        return model, tok, {"weights": {p.name: sha256_file(p) for p in weights}}, path
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", path):   # not 'org/name': a local path that is missing
         raise UserError(f"model path '{path}' does not exist; pass model.path=<an HF checkpoint directory>")
     try:   # a hub id, for users with network
@@ -240,7 +287,7 @@ def _load_hf(mcfg, dt, attn):
     except OSError as e:
         raise UserError(f"could not load '{path}' from disk or the hub (offline?); "
                         "pass model.path=<a local HF checkpoint directory>") from e
-    return model, tok, {"weights": {"hub_id": path, "revision": getattr(model.config, "_commit_hash", None)}}
+    return model, tok, {"weights": {"hub_id": path, "revision": getattr(model.config, "_commit_hash", None)}}, path
 
 
 # --------------------------------------------------------------------------------------------------
@@ -266,7 +313,9 @@ def byte_tokenizer():
     return tok
 
 
+@SOURCES.register("tiny", config=TinyConfig)
 def _build_tiny(mcfg, dt, attn):
+    """A random-init model built from a config with a fixed seed, byte-level tokenizer (tests; seconds)."""
     import transformers
     tok = byte_tokenizer()
     config_cls = getattr(transformers, mcfg.config_class)
@@ -283,4 +332,15 @@ def _build_tiny(mcfg, dt, attn):
     for name, t in model.state_dict().items():
         h.update(name.encode())
         h.update(t.detach().to(torch.float32).contiguous().numpy().tobytes())
-    return model, tok, {"weights": {"state_dict": h.hexdigest()}}
+    digest = h.hexdigest()
+    # saved once so that an adapter's base_model_name_or_path names a folder transformers can load
+    base = cache_dir() / "models" / f"{mcfg.name}-{digest[:16]}"
+    if not (base / "config.json").exists():
+        try:
+            with staged_dir(base) as tmp:
+                model.save_pretrained(tmp)
+                tok.save_pretrained(tmp)
+        except OSError:
+            pass                                   # a concurrent process saved it first
+    model.config._name_or_path = model.name_or_path = str(base)
+    return model, tok, {"weights": {"state_dict": digest}}, str(base)

@@ -15,11 +15,13 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..errors import UserError
+from ..registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,8 @@ def load_samples(path: str | Path) -> list[Sample]:
     for f in task_files(path):
         try:
             data = json.loads(f.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise UserError(f"{f}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from e
         except json.JSONDecodeError as e:
             raise UserError(f"{f}: malformed JSON at line {e.lineno} column {e.colno} ({e.msg}); fix the file") from e
         items = data.get("samples", data) if isinstance(data, dict) else data
@@ -104,6 +108,8 @@ def _parse_sample(item, f: Path, default_id: str) -> Sample:
     if not isinstance(weights, dict) or set(weights) - {"conclusion", "glue"}:
         raise UserError(f"{where}: 'weights' takes only 'conclusion' and 'glue' lists of substrings")
     for kind, strings in weights.items():
+        if not isinstance(strings, list) or not all(isinstance(s, str) and s for s in strings):
+            raise UserError(f"{where}: weights.{kind} must be a list of non-empty strings (substrings of 'output')")
         for s in strings:
             if s not in item["output"]:
                 raise UserError(f"{where}: {kind} string {s!r} does not occur in 'output'; "
@@ -115,7 +121,7 @@ def _parse_sample(item, f: Path, default_id: str) -> Sample:
 # --------------------------------------------------------------------------------------------------
 # Tokenization
 # --------------------------------------------------------------------------------------------------
-def _render(tokenizer, prompt: str, answer: str | None) -> str:
+def render(tokenizer, prompt: str, answer: str | None) -> str:
     messages = [{"role": "user", "content": prompt}]
     if answer is None:
         if tokenizer.chat_template:
@@ -128,8 +134,8 @@ def _render(tokenizer, prompt: str, answer: str | None) -> str:
 
 def tokenize_sample(sample: Sample, tokenizer, max_prompt_tokens: int, weighted: bool) -> Example:
     """Chat-format a sample; labels only on the assistant part; per-token weights from annotations."""
-    prompt_text = _render(tokenizer, sample.input, None)
-    full_text = _render(tokenizer, sample.input, sample.output)
+    prompt_text = render(tokenizer, sample.input, None)
+    full_text = render(tokenizer, sample.input, sample.output)
     enc = tokenizer(full_text, add_special_tokens=False, return_offsets_mapping=True)
     full_ids, offsets = enc["input_ids"], enc["offset_mapping"]
     prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
@@ -243,10 +249,40 @@ class JsonFieldsScorer:
         return sum(k in obj for k in self.keys) / len(self.keys)
 
 
-SCORERS = {"sections": lambda c: SectionsScorer(c["headers"]), "json_fields": lambda c: JsonFieldsScorer(c["keys"])}
+class _ScorerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class SectionsConfig(_ScorerConfig):
+    name: Literal["sections"]
+    headers: list[str] = Field(min_length=1)
+
+
+class JsonFieldsConfig(_ScorerConfig):
+    name: Literal["json_fields"]
+    keys: list[str] = Field(min_length=1)
+
+
+SCORERS = Registry("task scorer", key="task.scorer.name")
+SCORERS.register("sections", config=SectionsConfig)(lambda c: SectionsScorer(c["headers"]))
+SCORERS.register("json_fields", config=JsonFieldsConfig)(lambda c: JsonFieldsScorer(c["keys"]))
+
+
+class TaskConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str = Field(min_length=1)
+    path: str = Field(min_length=1)
+    heldout: list[str] = []
+    max_prompt_tokens: int = Field(ge=1)
+    scorer: dict
+
+    @field_validator("scorer")
+    @classmethod
+    def _scorer(cls, v):
+        entry = SCORERS.get(v.get("name", "?"))
+        entry.config.model_validate(v)
+        return v
 
 
 def make_scorer(scfg) -> Scorer:
-    if scfg.name not in SCORERS:
-        raise UserError(f"unknown task.scorer.name '{scfg.name}'; choose from {sorted(SCORERS)}")
-    return SCORERS[scfg.name](scfg)
+    return SCORERS.get(scfg.name).obj(scfg)

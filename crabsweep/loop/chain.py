@@ -1,8 +1,9 @@
-"""The Crab Step chain: rounds 0..N in one process, with honest metrics, a random control and resume.
+"""The Crab Step chain: plan → execute rounds (and their controls) → record.
 
 Round 0 suppresses the inventory S_0; after round r, S_{r+1} = S_r ∪ top-K(round r) by the ranking
-attribution method. Each round folder (`round_<r>/`: record.json, scores.safetensors, adapter/,
-control/record.json) is written under a temporary name and renamed when complete, so a chain killed
+attribution method. Each round folder (`round_<r>/`: record.json, scores.safetensors, adapter/) and
+its matched random control (`round_<r>/control/`) are written under temporary names and renamed when
+complete, separately, so a failing control never discards a finished round and a chain killed
 mid-round resumes after its last complete round. `chain.json` is rebuilt from the round records.
 
 Per-round metrics beyond the round's own: delta_loss (init − final: the reference's number),
@@ -16,6 +17,7 @@ from __future__ import annotations
 import logging
 import platform
 from collections.abc import Callable
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
@@ -24,20 +26,36 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from .. import io
-from ..errors import UserError
-from .metrics import base_loss, text_examples
-from .cache import RoundCache, round_key
-from .round import RoundResult, run_round
-from ..methods.selection import check_k, matched_random, select
-from ..core.session import Session
-from .trajectory import classify, idle_audit
-from ..core.basis import Unit, unit_from_json, unit_json
+from ..core.basis import Unit
 from ..core.unitsets import load_units, save_units
+from ..errors import UserError
+from ..methods.selection import check_k, matched_random, select
+from .cache import cached_round
+from .metrics import base_loss, text_examples
+from .trajectory import classify, idle_audit
 
 log = logging.getLogger(__name__)
 
 
-def fingerprints(session: Session) -> dict:
+@dataclass(frozen=True)
+class ChainPlan:
+    rounds: int                 # rounds 1..N after round 0
+    inventory: tuple[Unit, ...]
+    method: str
+    control: str                # last | every | none
+    seed: int
+
+
+def plan_chain(session) -> ChainPlan:
+    """Check the inventory and K against the model before anything trains."""
+    cfg = session.cfg
+    inventory = session.basis.check(load_units(cfg.chain.inventory) if cfg.chain.inventory else [],
+                                    "chain.inventory unit")
+    check_k(cfg.k, session.basis.sizes, len(inventory), int(cfg.chain.rounds))
+    return ChainPlan(int(cfg.chain.rounds), tuple(inventory), cfg.attribution.name, cfg.chain.control, int(cfg.seed))
+
+
+def fingerprints(session) -> dict:
     pkgs = {p: version(p) for p in ("crabsweep", "torch", "transformers", "peft", "numpy", "safetensors")}
     return {"model": session.loaded.fingerprint, "task_files": session.task.files,
             "packages": {**pkgs, "python": platform.python_version()},
@@ -53,6 +71,10 @@ def completed_rounds(run_dir: Path) -> list[dict]:
     return out
 
 
+def _units(session, items) -> list[Unit]:
+    return [session.basis.unit_from_json(x) for x in items]
+
+
 def _stop_reason(ccfg, metrics: dict, rounds: list[dict]) -> str | None:
     gap_limit = ccfg.stop.final_gap_above
     if gap_limit is not None and metrics["final_gap"] > float(gap_limit):
@@ -65,49 +87,45 @@ def _stop_reason(ccfg, metrics: dict, rounds: list[dict]) -> str | None:
     return None
 
 
-def run_chain(session: Session, run_dir: str | Path, cache: RoundCache | None = None, tracker=None,
+class _Context:
+    """What every round of one chain shares: baselines on the train and generic texts."""
+
+    def __init__(self, session):
+        self.generic = text_examples(session.cfg.eval.collateral_path, session.tokenizer)
+        self.baseline = {"train_loss": base_loss(session, session.task.train, []),
+                         "collateral_loss": base_loss(session, self.generic, [])}
+
+
+def run_chain(session, run_dir: str | Path, cache=None, tracker=None,
               on_round: Callable[[dict], str | None] | None = None) -> dict:
     """Run (or resume) the chain into `run_dir`. `on_round(record)` may return a reason to stop
     (the sweep's pruner); `cache` reuses rounds with identical inputs; `tracker` mirrors the records."""
-    cfg, space = session.cfg, session.space
-    ccfg, run_dir = cfg.chain, Path(run_dir)
-    method = cfg.attribution.name
-    inventory = load_units(ccfg.inventory) if ccfg.inventory else []
-    space.check(inventory, "chain.inventory unit")
-    n_rounds = int(ccfg.rounds)
-    check_k(cfg.k, space.sizes, len(inventory), n_rounds)
+    plan = plan_chain(session)
+    run_dir = Path(run_dir)
+    ctx = _Context(session)
+    rounds, stopped = execute(session, plan, run_dir, ctx, cache, tracker, on_round)
+    return record_chain(session, plan, run_dir, rounds, stopped, ctx, cache, tracker)
 
-    generic = text_examples(cfg.eval.collateral_path, session.tokenizer)
-    baseline = {"train_loss": base_loss(session, session.task.train, []),
-                "collateral_loss": base_loss(session, generic, [])}
+
+def execute(session, plan: ChainPlan, run_dir: Path, ctx, cache, tracker, on_round) -> tuple[list[dict], str | None]:
     done = completed_rounds(run_dir)
     if done:
         log.info("resuming %s after round %d", run_dir, len(done) - 1)
     rounds: list[dict] = []
-    suppressed: list[Unit] = list(inventory)
+    suppressed = list(plan.inventory)
     stopped = None
-    bar = tqdm(range(n_rounds + 1), desc="rounds", disable=None)
+    bar = tqdm(range(plan.rounds + 1), desc="rounds", disable=None)
     for r in bar:
         if r < len(done):
             rec = done[r]
-            if [unit_from_json(u) for u in rec["suppressed"]] != suppressed:
-                raise UserError(f"{run_dir}/round_{r} was made with a different suppressed set; "
-                                "use a new hydra.run.dir")
-            rounds.append(rec)
-            stopped = _stop_reason(ccfg, rec["metrics"], rounds)
+            if _units(session, rec["suppressed"]) != suppressed:
+                raise UserError(f"{run_dir}/round_{r} was made with a different suppressed set; use a new hydra.run.dir")
         else:
-            rec, result = _run_one(session, r, suppressed, rounds, baseline, generic, method, cache)
-            rounds.append(rec)
-            stopped = _stop_reason(ccfg, rec["metrics"], rounds)
-            with io.staged_dir(run_dir / f"round_{r}") as tmp:     # appears only when complete
-                io.write_tensors(tmp / "scores.safetensors", result.flat_scores())
-                result.save_adapter(session, tmp / "adapter")
-                control = _control(session, r, suppressed, rounds, stopped is not None or r == n_rounds, cache)
-                if control is not None:
-                    io.write_json(tmp / "control" / "record.json", control)
-                    rec["metrics"]["final_gap_random"] = control["metrics"]["final_gap"]
-                    rec["metrics"]["specificity"] = rec["metrics"]["final_gap"] - control["metrics"]["final_gap"]
-                io.write_json(tmp / "record.json", rec)
+            rec = _main_round(session, plan, r, suppressed, rounds, ctx, cache, run_dir / f"round_{r}")
+        rounds.append(rec)
+        stopped = _stop_reason(session.cfg.chain, rec["metrics"], rounds)
+        if _needs_control(plan, r, suppressed, stopped is not None or r == plan.rounds):
+            _ensure_control(session, plan, r, suppressed, rounds, cache, run_dir / f"round_{r}")
         if tracker is not None:
             tracker.log_round(rec)
         if not stopped and on_round is not None:
@@ -115,77 +133,90 @@ def run_chain(session: Session, run_dir: str | Path, cache: RoundCache | None = 
         if stopped:
             log.info("stopping after round %d: %s", r, stopped)
             break
-        suppressed = suppressed + [unit_from_json(x["unit"]) for x in rec["recruits"]["selected"]]
+        suppressed = suppressed + _units(session, [x["unit"] for x in rec["recruits"]["selected"]])
     bar.close()
+    return rounds, stopped
 
-    selected_last = [unit_from_json(x["unit"]) for x in rounds[-1]["recruits"]["selected"]]
+
+def _main_round(session, plan, r, suppressed, rounds, ctx, cache, folder: Path) -> dict:
+    """Run round r (through the cache), derive its chain metrics and selection, commit its folder."""
+    result = cached_round(session, suppressed, r, cache, seed=plan.seed)
+    m = result.metrics
+    round0_final = rounds[0]["metrics"]["final_loss"] if rounds else m["final_loss"]
+    selected = select(result.scores[plan.method], set(suppressed), session.cfg.k, r,
+                      session.cfg.attribution.get("normalize", "none"))
+    m.update({
+        "delta_loss": m["init_loss"] - m["final_loss"],
+        "final_gap": m["final_loss"] - round0_final,
+        "damage": m["init_loss"] - ctx.baseline["train_loss"],            # init = base + mask (B = 0)
+        "collateral": base_loss(session, ctx.generic, suppressed) - ctx.baseline["collateral_loss"],
+        "top1_score": selected[0]["score"] if selected else None,
+        "layers_with_recruits": len({layer for x in selected for layer in session.basis.layers_of(
+            session.basis.unit_from_json(x["unit"]))}),
+    })
+    rec = result.record()
+    rec["recruits"] = {"method": plan.method, "selected": selected, "top": result.recruits}
+    with io.staged_dir(folder) as tmp:                     # appears only when complete
+        io.write_tensors(tmp / "scores.safetensors", result.flat_scores())
+        result.save_adapter(session, tmp / "adapter")
+        io.write_json(tmp / "record.json", rec)
+    return rec
+
+
+def _needs_control(plan, r, suppressed, is_last) -> bool:
+    return bool(suppressed) and plan.control != "none" and (plan.control == "every" or is_last)
+
+
+def _ensure_control(session, plan, r, suppressed, rounds, cache, folder: Path) -> None:
+    """The matched random control of round r in its own staged folder; its numbers join the round's record."""
+    rec = rounds[r]
+    path = folder / "control" / "record.json"
+    if path.exists():
+        control = io.read_json(path)
+    else:
+        units = matched_random(suppressed, session.basis.sizes, plan.seed * 1000 + r)
+        result = cached_round(session, units, r, cache, seed=plan.seed, generations=False, posthoc=False,
+                              label=f"control {r}")
+        control = result.record()
+        control.pop("recruits")
+        control["metrics"] = {**control["metrics"],
+                              "final_gap": control["metrics"]["final_loss"] - rounds[0]["metrics"]["final_loss"]}
+        with io.staged_dir(folder / "control") as tmp:
+            io.write_json(tmp / "record.json", control)
+    m = rec["metrics"]
+    if "specificity" not in m:
+        m["final_gap_random"] = control["metrics"]["final_gap"]
+        m["specificity"] = m["final_gap"] - control["metrics"]["final_gap"]
+        io.write_json(folder / "record.json", rec)
+
+
+def record_chain(session, plan, run_dir: Path, rounds: list[dict], stopped, ctx, cache, tracker) -> dict:
+    """chain.json (derived from the round records), units.json, the Circuit export and chain.png."""
+    cfg, basis = session.cfg, session.basis
+    methods = {rec["recruits"]["method"] for rec in rounds}
+    selected_last = _units(session, [x["unit"] for x in rounds[-1]["recruits"]["selected"]])
+    final = _units(session, rounds[-1]["suppressed"]) + selected_last
     chain = {
-        "config": {"rounds": n_rounds, "k": OmegaConf.to_container(cfg.k), "attribution": method,
-                   "granularity": space.name, "control": ccfg.control, "group": getattr(tracker, "group", None),
-                   "inventory": [unit_json(u) for u in inventory]},
-        "baseline": baseline,
-        "rounds": [{k: rec[k] for k in ("round", "suppressed", "recruits", "metrics", "generations")}
-                   for rec in rounds],
+        "config": {"rounds": plan.rounds, "k": OmegaConf.to_container(cfg.k), "attribution": "+".join(sorted(methods)),
+                   "granularity": basis.name, "adapter": session.adapter.name, "control": plan.control,
+                   "group": getattr(tracker, "group", None),
+                   "inventory": [basis.unit_json(u) for u in plan.inventory]},
+        "baseline": ctx.baseline,
+        "rounds": [{k: rec[k] for k in ("round", "suppressed", "recruits", "metrics", "generations")} for rec in rounds],
         "stopped": stopped,
-        "trajectory": classify(rounds, ccfg.classify),
-        "idle": idle_audit(space.sizes, [unit_from_json(u) for u in rounds[-1]["suppressed"]] + selected_last),
+        "trajectory": classify(rounds, cfg.chain.classify),
+        "idle": idle_audit(basis.sizes, final),
         "fingerprints": fingerprints(session),
     }
-    final = [unit_from_json(u) for u in rounds[-1]["suppressed"]] + selected_last
-    scores = {unit_from_json(x["unit"]): x["score"] for rec in rounds for x in rec["recruits"]["selected"]}
-    save_units(run_dir / "units.json", final, space.name)
-    if space.name == "mlp_neuron":
-        save_units(run_dir / "units.circuit.json", final, space.name, scores, fmt="circuit")
+    scores = {session.basis.unit_from_json(x["unit"]): x["score"] for rec in rounds for x in rec["recruits"]["selected"]}
+    save_units(run_dir / "units.json", final, basis)
+    if basis.name == "mlp_neuron":
+        save_units(run_dir / "units.circuit.json", final, basis, scores, fmt="circuit")
     if cache is not None:
         chain["cache"] = cache.stats()
     io.write_json(run_dir / "chain.json", chain)
     if tracker is not None:
         tracker.finish(chain)
     from ..track.plots import plot_chain
-    plot_chain(chain, rounds, space.sizes, run_dir / "chain.png")
+    plot_chain(chain, rounds, basis.sizes, run_dir / "chain.png")
     return chain
-
-
-def _round(session, suppressed, r, cache, generations=True) -> RoundResult:
-    """run_round through the cache, when there is one."""
-    if cache is None:
-        return run_round(session, suppressed, r, generations)
-    key = round_key(session, suppressed, generations)
-    result = cache.get(key, r, suppressed)
-    if result is None:
-        result = run_round(session, suppressed, r, generations)
-        cache.put(key, result, session)
-    return result
-
-
-def _run_one(session, r, suppressed, rounds, baseline, generic, method, cache) -> tuple[dict, RoundResult]:
-    result = _round(session, suppressed, r, cache)
-    m = result.metrics
-    round0_final = rounds[0]["metrics"]["final_loss"] if rounds else m["final_loss"]
-    selected = select(result.scores[method], set(suppressed), session.cfg.k, r,
-                      session.cfg.attribution.get("normalize", "none"))
-    m.update({
-        "delta_loss": m["init_loss"] - m["final_loss"],
-        "final_gap": m["final_loss"] - round0_final,
-        "damage": m["init_loss"] - baseline["train_loss"],            # init = base + mask (B = 0)
-        "collateral": base_loss(session, generic, suppressed) - baseline["collateral_loss"],
-        "top1_score": selected[0]["score"] if selected else None,
-        "layers_with_recruits": len({x["unit"]["layer"] for x in selected}),
-    })
-    rec = result.record()
-    rec["recruits"] = {"method": method, "selected": selected, "top": result.recruits}
-    return rec, result
-
-
-def _control(session, r, suppressed, rounds, is_last, cache) -> dict | None:
-    """The matched random control for round r, when `chain.control` asks for one and S is non-empty."""
-    mode = session.cfg.chain.control
-    if not suppressed or mode == "none" or (mode == "last" and not is_last):
-        return None
-    units = matched_random(suppressed, session.space.sizes, int(session.cfg.seed) * 1000 + r)
-    result = _round(session, units, r, cache, generations=False)
-    result.metrics = dict(result.metrics)
-    result.metrics["final_gap"] = result.metrics["final_loss"] - rounds[0]["metrics"]["final_loss"]
-    rec = result.record()
-    rec.pop("recruits")
-    return rec

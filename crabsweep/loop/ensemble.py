@@ -15,6 +15,7 @@ and to W&B in the chain's group.
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from omegaconf import OmegaConf
 
 from .. import io
 from ..config import load_saved_config
+from ..config.schema import validate
 from ..errors import UserError
 from .metrics import eval_loss, generate
 from ..core.session import Session
@@ -47,6 +49,8 @@ class Ensembler:
         self.ecfg = ecfg
         rounds = sorted(int(p.parent.parent.name.split("_")[1])
                         for p in self.chain_dir.glob("round_*/adapter/adapter_config.json"))
+        if not rounds and any(self.chain_dir.glob("round_*/adapter/crabsweep_adapter.json")):
+            raise UserError("ensembles combine LoRA adapters; this chain used adapter=full")
         if not rounds:
             raise UserError(f"{self.chain_dir} holds no round_<r>/adapter; pass the folder of a `crabsweep chain` run")
         wanted = list(ecfg.rounds) if ecfg.rounds is not None else rounds
@@ -66,10 +70,14 @@ class Ensembler:
     def load(self) -> "Ensembler":
         """Load the chain's model (unless a session was given) and the chosen rounds' adapters."""
         if self.session is None:
-            self.session = Session(load_saved_config(self.chain_dir))
+            cfg = load_saved_config(self.chain_dir)
+            validate(cfg)
+            self.session = Session(cfg)
+        if not self.session.adapter.combinable:
+            raise UserError(f"ensembles combine LoRA adapters; this chain used adapter={self.session.adapter.name}")
         for r in self.rounds:
             self.session.model.load_adapter(str(self.chain_dir / f"round_{r}" / "adapter"), adapter_name=f"round_{r}")
-        self.session.apply_suppression(self.units)
+        self.units = self.session.basis.check(self.units, "ensemble.suppression unit")
         self.n_suppressed = len(self.units)
         return self
 
@@ -88,6 +96,8 @@ class Ensembler:
 
     def check_weights(self, weights) -> list[float]:
         weights = [float(w) for w in weights]
+        if not all(math.isfinite(w) for w in weights):
+            raise UserError(f"ensemble.weights {weights} must be finite numbers")
         if len(weights) != len(self.rounds):
             raise UserError(f"ensemble.weights has {len(weights)} values for {len(self.rounds)} rounds {self.rounds}")
         if self.ecfg.simplex:
@@ -111,13 +121,20 @@ class Ensembler:
                                    svd_rank=self.ecfg.get("svd_rank") if kind == "svd" else None)
         model.set_adapter(name)
 
+    @property
+    def loss_name(self) -> str:
+        """What the loss is measured on: held-out samples, or the train samples when the task has none."""
+        return "heldout_loss" if self.session.task.heldout else "train_loss"
+
     def evaluate(self, weights: list[float]) -> dict:
         self.combine(weights)
         s = self.session
-        loss = eval_loss(s.model, s.task.heldout or s.task.train, s.pad_id, s.device, int(s.cfg.eval.batch_size))
         examples = s.task.heldout or s.task.train
-        texts = generate(s.model, s.tokenizer, examples, s.device, int(self.ecfg.max_new_tokens))
+        with s.intervene(s.mask(self.units)):
+            loss = eval_loss(s, examples)
+            texts = generate(s, examples, int(self.ecfg.max_new_tokens))
         return {"weights": dict(zip(map(str, self.rounds), weights)), "heldout_loss": loss["plain"],
+                "loss_measured_on": "heldout" if s.task.heldout else "train (the task has no held-out samples)",
                 "task_score": sum(map(s.task.scorer, texts)) / len(texts),
                 "degeneracy": sum(map(degeneracy, texts)) / len(texts), "texts": texts,
                 "combination": self.ecfg.combination, "n_suppressed": self.n_suppressed}
@@ -126,6 +143,8 @@ class Ensembler:
         """Save the combination as a plain PEFT adapter folder (PeftModel.from_pretrained loads it)."""
         self.combine(weights)
         target = Path(target)
+        if target.exists():
+            raise UserError(f"ensemble.save={target} already exists; pass a new folder (nothing was overwritten)")
         with io.staged_dir(target) as tmp:
             self.session.model.save_pretrained(str(tmp), selected_adapters=["ensemble"])
             for f in (tmp / "ensemble").iterdir():
@@ -186,4 +205,33 @@ def study_weights(ens: Ensembler, tracker=None) -> dict:
     summary = {"objective": OmegaConf.to_container(e.objective), "best": {k: v for k, v in best.items() if k != "texts"},
                "single_rounds": {str(r): v for r, v in singles.items()}, "evaluations": len(table)}
     io.write_json(out_dir / "summary.json", summary)
+    return summary
+
+
+def run_ensemble(chain_dir: Path, cfg) -> dict:
+    """`crabsweep ensemble`: combine the chain's round adapters with the given weights, or study them."""
+    from ..console import setup_logging
+    from ..track.wandb import make_tracker
+    e = cfg.ensemble
+    ens = Ensembler(chain_dir, e)                                  # validates rounds and suppression
+    weights = ens.check_weights(e.weights if e.weights is not None else [1.0] * len(ens.rounds))
+    if e.save and Path(e.save).exists():
+        raise UserError(f"ensemble.save={e.save} already exists; pass a new folder (nothing was overwritten)")
+    setup_logging(chain_dir / "ensemble")
+    ens.load()
+    chain = chain_dir / "chain.json"
+    group = (io.read_json(chain)["config"].get("group") if chain.exists() else None) or "chains"
+    tracker = make_tracker(cfg, name=f"{chain_dir.name}-ensemble", group=group, job_type="ensemble",
+                           config=OmegaConf.to_container(e), directory=Path(cfg.tracker.dir or chain_dir / "ensemble"))
+    if e.study:
+        summary = study_weights(ens, tracker)
+        weights = [summary["best"]["weights"][str(r)] for r in ens.rounds]
+    else:
+        result = ens.evaluate(weights)
+        tracker.log_evaluation({"kind": "weights", **result}, 0)
+        summary = {"result": result, "rounds": ens.rounds, "weights": weights}
+    tracker.finish(None)
+    summary["loss_name"] = ens.loss_name
+    if e.save:
+        summary["saved"] = str(ens.save(weights, e.save))
     return summary

@@ -2,29 +2,32 @@
 
 from __future__ import annotations
 
-import torch
-
 import json
 from pathlib import Path
 
-from ..errors import UserError
+import torch
+
 from ..core.tasks import Example, Sample, Scorer, collate
+from ..errors import UserError
 from .train import token_losses
 
 
 @torch.no_grad()
-def eval_loss(model, examples: list[Example], pad_id: int, device, batch_size: int = 4) -> dict:
+def eval_loss(session, examples: list[Example], batch_size: int | None = None) -> dict:
     """Token-mean plain loss, weighted loss and per-sample plain losses over `examples`."""
     if not examples:
         return {"plain": None, "weighted": None, "per_sample": {}}
+    model = session.model
+    batch_size = batch_size or int(session.cfg.eval.batch_size)
     was_training = model.training
     model.eval()
     ce_sum = w_sum = tok = wtok = 0.0
     per_sample = {}
     for i in range(0, len(examples), batch_size):
         chunk = examples[i:i + batch_size]
-        batch = collate(chunk, pad_id)
-        weighted, plain, per_row = token_losses(model, batch, device)
+        batch = collate(chunk, session.pad_id)
+        with session.precision():
+            weighted, plain, per_row = token_losses(model, batch, session.device)
         n = float((batch["labels"] != -100).sum())
         w = float(batch["weights"].sum())
         ce_sum += plain.item() * n
@@ -37,16 +40,18 @@ def eval_loss(model, examples: list[Example], pad_id: int, device, batch_size: i
 
 
 @torch.no_grad()
-def generate(model, tokenizer, examples: list[Example], device, max_new_tokens: int) -> list[str]:
+def generate(session, examples: list[Example], max_new_tokens: int) -> list[str]:
     """Greedy continuation of each example's prompt, one at a time (exact, no padding effects)."""
+    model, tok = session.model, session.tokenizer
     was_training = model.training
     model.eval()
     texts = []
     for e in examples:
-        ids = e.prompt_ids.unsqueeze(0).to(device)
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        texts.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+        ids = e.prompt_ids.unsqueeze(0).to(session.device)
+        with session.precision():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=tok.pad_token_id)
+        texts.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
     model.train(was_training)
     return texts
 
@@ -61,8 +66,13 @@ def text_examples(path: str | Path, tokenizer) -> list[Example]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"generic text set '{path}' does not exist; set eval.collateral_path to a JSON file")
+    try:
+        texts = json.loads(path.read_text(encoding="utf-8"))["texts"]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: expected UTF-8 JSON {{\"texts\": [\"...\", ...]}} ({type(e).__name__}); "
+                        "fix the file or eval.collateral_path") from e
     out = []
-    for i, text in enumerate(json.loads(path.read_text())["texts"]):
+    for i, text in enumerate(texts):
         ids = torch.tensor(tokenizer(text, add_special_tokens=True)["input_ids"], dtype=torch.long)
         labels = ids.clone()
         labels[0] = -100
@@ -72,8 +82,6 @@ def text_examples(path: str | Path, tokenizer) -> list[Example]:
 
 @torch.no_grad()
 def base_loss(session, examples: list[Example], suppressed) -> float:
-    """Plain loss of the base model (adapter disabled) under the mask `suppressed`."""
-    cfg = session.cfg
-    session.apply_suppression(suppressed)
-    with session.model.disable_adapter():
-        return eval_loss(session.model, examples, session.pad_id, session.device, int(cfg.eval.batch_size))["plain"]
+    """Plain loss of the base model (adapter disabled) with `suppressed` masked."""
+    with session.adapter.disabled(), session.intervene(session.mask(suppressed)):
+        return eval_loss(session, examples)["plain"]

@@ -7,10 +7,11 @@ reporting either "identical" (bitwise on CPU) or the first difference. Wall-cloc
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from .. import io
+from ..config.schema import validate
+from ..io import owned_run_dir
 from .chain import completed_rounds, fingerprints, run_chain
 from ..config import first_difference, load_saved_config, save_config
 from ..errors import UserError
@@ -33,14 +34,21 @@ def reproduce(run_dir: str | Path, out_dir: str | Path | None = None) -> dict:
     if not (run_dir / "chain.json").exists():
         raise UserError(f"{run_dir} holds no chain.json; pass the folder of a finished `crabsweep chain` run")
     cfg = load_saved_config(run_dir)
+    validate(cfg)
     original = io.read_json(run_dir / "chain.json")
-    out = Path(out_dir) if out_dir else run_dir / "reproduce"
-    if out.exists():
-        shutil.rmtree(out)
-    save_config(cfg, [f"reproduce of {run_dir}"], out)
-    session = Session(cfg)
-    fp_diff = first_difference(original["fingerprints"], fingerprints(session))
-    run_chain(session, out)
+    if out_dir is None:
+        out = next(run_dir / f"reproduce-{i}" for i in range(1, 10_000) if not (run_dir / f"reproduce-{i}").exists())
+    else:
+        out = Path(out_dir)
+    if out.resolve() == run_dir.resolve() or run_dir.resolve().is_relative_to(out.resolve()):
+        raise UserError(f"reproduce would write over the run it checks ({out}); pass a new output folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out} already exists and is not empty; pass a new output folder for the rerun")
+    with owned_run_dir(out):
+        save_config(cfg, [f"reproduce of {run_dir}"], out)
+        session = Session(cfg)
+        fp_diff = first_difference(original["fingerprints"], fingerprints(session))
+        run_chain(session, out)
     diff = first_difference(_comparable(run_dir), _comparable(out))
     report = {"identical": diff is None, "first_difference": diff, "fingerprint_difference": fp_diff,
               "original": str(run_dir), "rerun": str(out), "rounds": len(completed_rounds(out))}

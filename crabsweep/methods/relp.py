@@ -19,6 +19,8 @@ from types import MethodType
 import torch
 from torch import nn
 
+from . import METHODS, MethodConfig
+
 
 class HalfProduct(torch.autograd.Function):
     """a ⊙ b whose backward gives each factor half: (0.5·g·b, 0.5·g·a)."""
@@ -81,31 +83,55 @@ def linearized(model: nn.Module, arch):
             module.forward = forward
 
 
-def relp_scores(session) -> list[torch.Tensor]:
-    """|Σ_tokens a·∂M/∂a| per unit over the train examples, M = Σ log p(target tokens)."""
+class RelPConfig(MethodConfig):
+    per_position: bool = False   # rank a unit by its best |a·∂M/∂a| at one position (the reference's ranking)
+    drop_bos: bool = False       # leave position 0 out (the reference attributes positions ≥ 1 only)
+
+
+class PerPosition:
+    """Tap keeping a·∂M/∂a per (position, unit) of one sequence: {group: [T, n]} (float64, CPU)."""
+
+    def __init__(self, basis):
+        self.basis, self.values = basis, {}
+
+    def __call__(self, group, x, a):
+        if x.requires_grad:
+            x.register_hook(lambda g, group=group, a=a: self._add(group, a, g))
+
+    def _add(self, group, a, g):
+        n, d = self.basis.sizes[group], self.basis.unit_dim
+        prod = (a.float() * g.float()).reshape(a.shape[0], a.shape[1], n, d).sum(-1)[0]
+        self.values[group] = prod.double().cpu()
+
+
+@METHODS.register("relp", config=RelPConfig, kind="posthoc", granularities=("mlp_neuron", "attention_head", "residual_dim"),
+                  adapters=None)
+def run(session, acfg, mask):
+    """Per unit over the train examples, M = Σ log p(target tokens): |Σ_positions a·∂M/∂a| (default), or
+    max over positions of |a·∂M/∂a| (`per_position`); `drop_bos` leaves position 0 out."""
     import torch.nn.functional as F
 
-    from .attribution import _accumulate_product
     from ..core.tasks import collate
-    space, model = session.space, session.model
-    totals = [torch.zeros(n, dtype=torch.float64) for n in space.sizes]
-
-    def tap(layer, x, a):
-        if x.requires_grad:
-            x.register_hook(partial(_accumulate_product, space, totals, layer, a, 1.0))
-
-    space.tap = tap
+    basis, model = session.basis, session.model
+    totals = [torch.zeros(n, dtype=torch.float64) for n in basis.sizes]
+    tap = PerPosition(basis)
+    v = session.adapter.n_virtual_tokens
+    first = v + (1 if acfg.get("drop_bos") else 0)
     try:
-        with linearized(model, session.loaded.arch):
+        with linearized(model, session.loaded.arch), session.observe(tap):
             for ex in session.task.train:
                 batch = collate([ex], session.pad_id)
-                labels = batch["labels"].to(session.device)
-                logits = model(input_ids=batch["input_ids"].to(session.device)).logits[:, :-1].float()
-                target = labels[:, 1:]
+                tap.values.clear()
+                with session.precision():
+                    logits = model(input_ids=batch["input_ids"].to(session.device)).logits[:, v:-1].float()
+                target = batch["labels"].to(session.device)[:, 1:]
                 keep = target != -100
-                logp = -F.cross_entropy(logits[keep], target[keep], reduction="sum")
-                logp.backward()
+                (-F.cross_entropy(logits[keep], target[keep], reduction="sum")).backward()
+                for g, per_pos in tap.values.items():
+                    vals = per_pos[first:]
+                    totals[g] += vals.abs().max(0).values if acfg.get("per_position") else vals.sum(0)
     finally:
-        space.tap = None
         model.zero_grad(set_to_none=True)
-    return [t.abs().float() for t in totals]
+    if acfg.get("per_position"):
+        return {"relp": [t.float() for t in totals]}, {}
+    return {"relp": [t.abs().float() for t in totals], "relp_signed": [t.float() for t in totals]}, {}

@@ -36,6 +36,7 @@ from ..loop.chain import run_chain
 from ..config import compose_config, save_config
 from ..errors import UserError
 from ..core.session import Session
+from ..registry import Registry
 from ..track.wandb import make_tracker
 
 log = logging.getLogger(__name__)
@@ -73,38 +74,38 @@ class GridSampler(optuna.samplers.BruteForceSampler):
         pass
 
 
+SAMPLERS = Registry("sampler", key="sweep.sampler.name")
+SAMPLERS.register("tpe")(lambda seed, params: optuna.samplers.TPESampler(seed=seed))
+SAMPLERS.register("random")(lambda seed, params: optuna.samplers.RandomSampler(seed=seed))
+SAMPLERS.register("bruteforce")(lambda seed, params: GridSampler(seed=seed))
+
+
+@SAMPLERS.register("cmaes")
+def _cmaes(seed, params):
+    if any(spec["type"] == "categorical" for spec in params.values()):
+        raise UserError("sweep.sampler=cmaes needs a numeric search space (int/float params only); "
+                        "use tpe, random or bruteforce for categorical params")
+    return optuna.samplers.CmaEsSampler(seed=seed)
+
+
 def make_sampler(scfg, params: dict):
-    name, seed = scfg.sampler.name, scfg.sampler.get("seed", 0)
-    if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed)
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if name == "bruteforce":
-        return GridSampler(seed=seed)
-    if name == "cmaes":
-        if any(spec["type"] == "categorical" for spec in params.values()):
-            raise UserError("sweep.sampler=cmaes needs a numeric search space (int/float params only); "
-                            "use tpe, random or bruteforce for categorical params")
-        return optuna.samplers.CmaEsSampler(seed=seed)
-    raise UserError(f"unknown sweep.sampler.name '{name}'; choose tpe, random, bruteforce or cmaes")
+    return SAMPLERS.get(scfg.sampler.name).obj(scfg.sampler.get("seed", 0), params)
+
+
+PRUNERS = Registry("pruner", key="sweep.pruner.name")
+PRUNERS.register("median")(lambda p, rounds: optuna.pruners.MedianPruner(
+    n_startup_trials=p.get("n_startup_trials", 2), n_warmup_steps=p.get("n_warmup_steps", 1)))
+PRUNERS.register("percentile")(lambda p, rounds: optuna.pruners.PercentilePruner(
+    p.get("percentile", 25.0), n_startup_trials=p.get("n_startup_trials", 2), n_warmup_steps=p.get("n_warmup_steps", 1)))
+PRUNERS.register("hyperband")(lambda p, rounds: optuna.pruners.HyperbandPruner(min_resource=1,
+                                                                                max_resource=max(rounds, 1)))
+PRUNERS.register("threshold")(lambda p, rounds: optuna.pruners.ThresholdPruner(
+    lower=p.get("lower"), upper=p.get("upper"), n_warmup_steps=p.get("n_warmup_steps", 0)))
+PRUNERS.register("none")(lambda p, rounds: optuna.pruners.NopPruner())
 
 
 def make_pruner(pcfg, rounds: int):
-    name = pcfg.name
-    if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=pcfg.get("n_startup_trials", 2),
-                                           n_warmup_steps=pcfg.get("n_warmup_steps", 1))
-    if name == "percentile":
-        return optuna.pruners.PercentilePruner(pcfg.get("percentile", 25.0), n_startup_trials=pcfg.get(
-            "n_startup_trials", 2), n_warmup_steps=pcfg.get("n_warmup_steps", 1))
-    if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(rounds, 1))
-    if name == "threshold":
-        return optuna.pruners.ThresholdPruner(lower=pcfg.get("lower"), upper=pcfg.get("upper"),
-                                              n_warmup_steps=pcfg.get("n_warmup_steps", 0))
-    if name == "none":
-        return optuna.pruners.NopPruner()
-    raise UserError(f"unknown sweep.pruner.name '{name}'; choose median, percentile, hyperband, threshold or none")
+    return PRUNERS.get(pcfg.name).obj(pcfg, rounds)
 
 
 def search_space(scfg) -> dict[str, dict]:
@@ -325,6 +326,26 @@ def run_trial(study, trial, cfg, base_overrides, study_dir, space, cache, sessio
     else:
         log.error("trial %d: no round produced metric '%s'", trial.number, metric)
         study.tell(trial, state=TrialState.FAIL)
+
+
+def run_sweep(cfg, overrides: list[str]) -> tuple[Path, dict | None]:
+    """`crabsweep sweep`: the main process spawns `sweep.workers - 1` local workers and works itself;
+    a worker (`sweep.role=worker`) only works. Returns the study folder and the summary (main only)."""
+    from ..console import setup_logging
+    study_dir = Path(cfg.sweep.dir or f"multirun/{cfg.sweep.study}")
+    setup_logging(study_dir)
+    t0 = time.perf_counter()
+    if cfg.sweep.role == "worker":
+        run_worker(cfg, overrides, study_dir)
+        return study_dir, None
+    save_config(cfg, overrides, study_dir)
+    workers = spawn_workers(int(cfg.sweep.workers) - 1, overrides)
+    try:
+        run_worker(cfg, overrides, study_dir)
+    finally:
+        for w in workers:
+            w.wait()
+    return study_dir, summarize(cfg, study_dir, time.perf_counter() - t0)
 
 
 def _session_for(cfg, sessions: dict[str, Session]) -> Session:

@@ -35,10 +35,19 @@ def load(study_dir: str | Path) -> tuple[dict, optuna.Study]:
     return meta, optuna.load_study(study_name=meta["study"], storage=make_storage(meta["storage"]))
 
 
-def trial_rows(study: optuna.Study) -> list[dict]:
+def run_dir_of(trial, study_dir: Path | None = None) -> Path | None:
+    """A trial's chain folder (recorded relative to the study folder; absolute in older studies)."""
+    rel = trial.user_attrs.get("run_dir")
+    if not rel:
+        return None
+    path = Path(rel)
+    return path if path.is_absolute() or study_dir is None else Path(study_dir) / path
+
+
+def trial_rows(study: optuna.Study, study_dir: Path | None = None) -> list[dict]:
     rows = []
     for t in study.get_trials(deepcopy=False):
-        run_dir = Path(t.user_attrs.get("run_dir", ""))
+        run_dir = run_dir_of(t, study_dir) or Path("")
         rounds = completed_rounds(run_dir) if t.user_attrs.get("run_dir") else []
         chain = io.read_json(run_dir / "chain.json") if (run_dir / "chain.json").exists() else {}
         rows.append({
@@ -60,7 +69,7 @@ def dashboard_command(meta: dict) -> str:
 def write_report(study_dir: str | Path) -> dict:
     study_dir = Path(study_dir)
     meta, study = load(study_dir)
-    rows = trial_rows(study)
+    rows = trial_rows(study, study_dir)
     params = sorted({k for r in rows for k in r["params"]})
     n_rounds = max((len(r["rounds"]) for r in rows), default=0)
     header = ["trial", "state", meta["objective"]["metric"], *params, "trajectory",

@@ -14,9 +14,21 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict
 
 log = logging.getLogger(__name__)
+
+
+class TrackerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    mode: Literal["offline", "online", "disabled"]
+    project: str
+    entity: str | None = None
+    dir: str | None = None
+    group: str | None = None
+    log_adapters: bool = False
 
 
 class Tracker(Protocol):

@@ -1,0 +1,150 @@
+"""The public Python API: everything a command does, a notebook can do.
+
+    import crabsweep as cs
+    session = cs.load_session("model=tiny_llama", "task=tiny", "chain.rounds=2")
+    result = cs.run_round(session, suppressed=[(0, 3)])
+    chain = cs.run_chain(session, out_dir="runs/c1")        # the same records as `crabsweep chain`
+    chain.rounds, chain.recruits                              # pandas DataFrames
+    cs.Chain.load("runs/c1").trajectory
+    cs.Study.load("multirun/crabsweep-default").trials       # Optuna trials joined with per-round metrics
+
+A session is composed exactly like the CLI (Hydra overrides, the same validation); `run_chain` writes
+`.hydra/config.yaml` so `crabsweep reproduce` accepts its output.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from . import io
+from .config import check_run_dir, compose_config, load_saved_config, save_config
+from .core.session import Session
+from .errors import UserError
+
+
+def load_session(*overrides: str, command: str = "chain", config_dir: str | None = None) -> Session:
+    """Compose the config from `group=option key=value` overrides (as on the command line) and load it."""
+    cfg, _ = compose_config(command, list(overrides), config_dir=config_dir)
+    session = Session(cfg)
+    session.overrides = list(overrides)
+    return session
+
+
+def run_round(session: Session, suppressed=(), index: int = 0, generations: bool = True):
+    """One round: a fresh adapter trained with `suppressed` units masked → a RoundResult."""
+    from .loop.round import run_round as _run
+    return _run(session, list(suppressed), index, generations)
+
+
+def run_chain(session: Session, out_dir: str | Path | None = None, cache=None, tracker=None) -> "Chain":
+    """Run (or resume) a chain into `out_dir` (a new temporary folder if None) and return it."""
+    from .loop.chain import run_chain as _run
+    from .track.wandb import make_tracker
+    out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="crabsweep-chain-"))
+    check_run_dir(session.cfg, out)
+    save_config(session.cfg, getattr(session, "overrides", []), out)
+    if tracker is None:
+        tracker = make_tracker(session.cfg, name=out.name, group=session.cfg.tracker.get("group") or "chains",
+                               job_type="chain", config=chain_config(session.cfg),
+                               directory=Path(session.cfg.tracker.dir or out), adapters_from=out)
+    _run(session, out, cache=cache, tracker=tracker)
+    return Chain.load(out)
+
+
+def chain_config(cfg: DictConfig) -> dict:
+    """What shaped a chain (the config minus the sweep/ensemble/tracker sections that did not)."""
+    from omegaconf import OmegaConf
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    return {k: v for k, v in plain.items() if k not in ("sweep", "ensemble", "tracker")}
+
+
+class Chain:
+    """A finished (or partial) chain on disk: its config, chain.json, and DataFrame views."""
+
+    def __init__(self, directory: Path, config: DictConfig, record: dict):
+        self.dir, self.config, self.record = directory, config, record
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "Chain":
+        directory = Path(directory)
+        if not (directory / "chain.json").exists():
+            raise UserError(f"{directory} holds no chain.json; pass the folder of a finished chain")
+        return cls(directory, load_saved_config(directory), io.read_json(directory / "chain.json"))
+
+    @property
+    def trajectory(self) -> dict:
+        return self.record["trajectory"]
+
+    @property
+    def rounds(self):
+        """One row per round: round, n_suppressed and every scalar metric."""
+        import pandas as pd
+        rows = []
+        for rec in self.record["rounds"]:
+            row = {"round": rec["round"]}
+            row.update({k: v for k, v in rec["metrics"].items() if isinstance(v, (int, float, type(None)))
+                        and not isinstance(v, bool)})
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+    @property
+    def recruits(self):
+        """One row per (round, method, unit): every unit selected into S and every per-method top entry."""
+        import pandas as pd
+        return pd.DataFrame(recruit_rows(self.record))
+
+    def __repr__(self) -> str:
+        return f"Chain({self.dir}, {len(self.record['rounds'])} rounds, {self.trajectory['class']})"
+
+
+def recruit_rows(chain: dict) -> list[dict]:
+    rows = []
+    for rec in chain["rounds"]:
+        r, rc = rec["round"], rec["recruits"]
+        chosen = {tuple(sorted(x["unit"].items())) for x in rc["selected"]}
+        for rank_, x in enumerate(rc["selected"]):
+            rows.append({"round": r, "method": rc["method"], **x["unit"], "score": x["score"], "rank": rank_,
+                         "selected": True})
+        for method, ranked in rc.get("top", {}).items():
+            for rank_, x in enumerate(ranked):
+                if method == rc["method"] and tuple(sorted(x["unit"].items())) in chosen:
+                    continue
+                rows.append({"round": r, "method": method, **x["unit"], "score": x["score"], "rank": rank_,
+                             "selected": False})
+    return rows
+
+
+class Study:
+    """A sweep's study folder: its Optuna study and each trial's chain."""
+
+    def __init__(self, directory: Path, meta: dict, study):
+        self.dir, self.meta, self.study = directory, meta, study
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "Study":
+        from .track.report import load
+        meta, study = load(directory)
+        return cls(Path(directory), meta, study)
+
+    def chain(self, trial: int) -> Chain:
+        """The chain of trial number `trial`."""
+        from .track.report import run_dir_of
+        t = self.study.trials[trial]
+        return Chain.load(run_dir_of(t, self.dir))
+
+    @property
+    def trials(self):
+        """One row per trial: Optuna's columns joined with each chain's per-round metrics (`r<k>.<metric>`)."""
+        import pandas as pd
+        from .track.report import trial_rows
+        rows = []
+        for t in trial_rows(self.study, self.dir):
+            row = {"trial": t["trial"], "state": t["state"], "value": t["value"], "trajectory": t["trajectory"],
+                   **{f"params.{k}": v for k, v in t["params"].items()}}
+            for i, metrics in enumerate(t["rounds"]):
+                row.update({f"r{i}.{k}": v for k, v in metrics.items()})
+            rows.append(row)
+        return pd.DataFrame(rows)

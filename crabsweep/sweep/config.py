@@ -1,0 +1,52 @@
+"""The `sweep` config group's schema (validated with the rest of the config at compose time)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _M(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class SamplerConfig(_M):
+    name: str
+    seed: int = 0
+
+
+class PrunerConfig(_M):
+    name: str
+    n_startup_trials: int = Field(2, ge=0)
+    n_warmup_steps: int = Field(1, ge=0)
+    percentile: float = Field(25.0, gt=0, lt=100)
+    lower: float | None = None
+    upper: float | None = None
+
+
+class ObjectiveConfig(_M):
+    metric: str
+    direction: Literal["minimize", "maximize"]
+
+
+class HeartbeatConfig(_M):
+    interval: float = Field(gt=0)
+    grace: float = Field(gt=0)
+    max_retry: int = Field(ge=0)
+
+
+class SweepConfig(_M):
+    study: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    dir: str | None = None
+    n_trials: int = Field(ge=1)
+    workers: int = Field(ge=1)
+    role: Literal["main", "worker"]
+    storage: str = Field(min_length=1)
+    cache: bool
+    sampler: SamplerConfig
+    pruner: PrunerConfig
+    objective: ObjectiveConfig
+    heartbeat: HeartbeatConfig
+    params: dict[str, Any]
+    overrides: list[str]
