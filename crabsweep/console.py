@@ -166,14 +166,14 @@ def print_ensemble(summary: dict, e) -> None:
     if "best" in summary:
         best = summary["best"]
         console.print(f"best of {summary['evaluations']} evaluations ({best['kind']}): weights {best['weights']}; "
-                      f"{summary['loss_name']} {best['heldout_loss']:.4f}, task score {best['task_score']:.2f}, "
+                      f"{summary['loss_name']} {best[summary['loss_name']]:.4f}, task score {best['task_score']:.2f}, "
                       f"degeneracy {best['degeneracy']:.3f}", markup=False)
-        console.print("single rounds' " + e.objective.metric + ": " + ", ".join(
+        console.print("single rounds' " + summary["objective"]["metric"] + ": " + ", ".join(
             f"round {r}: {v:.4f}" for r, v in summary["single_rounds"].items()), markup=False)
     else:
         r = summary["result"]
         console.print(f"{e.combination} ensemble of rounds {summary['rounds']} with weights {summary['weights']}: "
-                      f"{summary['loss_name']} {r['heldout_loss']:.4f}, task score {r['task_score']:.2f}, "
+                      f"{summary['loss_name']} {r[summary['loss_name']]:.4f}, task score {r['task_score']:.2f}, "
                       f"degeneracy {r['degeneracy']:.3f}", markup=False)
         console.print(f"generation: {r['texts'][0]}", markup=False)
     if summary.get("saved"):

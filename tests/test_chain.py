@@ -64,7 +64,7 @@ def test_each_round_adds_exactly_the_previous_top_k(tmp_path):
         layers = lambda us: sorted(u["layer"] for u in us)  # noqa: E731
         assert layers(control["suppressed"]) == layers(rec["suppressed"])    # matched per layer
         assert not {unit(u) for u in control["suppressed"]} & {unit(u) for u in rec["suppressed"]}
-    assert chain["trajectory"]["class"] in {"distributed", "single_point", "multiple_solutions", "exhausting",
+    assert chain["trajectory"]["class"] in {"distributed", "single_point", "multiple_solutions", "exhausting", "inconclusive",
                                             "nonspecific_damage", "infrastructure_damage"}
     assert chain["idle"]["total"] == 128 - 2 - 15 - 5 and len(chain["idle"]["per_layer"]) == 2
     assert (run / "chain.png").stat().st_size > 10_000

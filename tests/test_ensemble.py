@@ -115,3 +115,18 @@ def test_chain_dir_without_adapters_exits_2(tmp_path, capsys):
     (tmp_path / "round_0").mkdir()
     assert main(["ensemble", str(tmp_path)]) == 2
     assert "holds no round_<r>/adapter" in capsys.readouterr().err
+
+
+def test_without_heldout_samples_the_loss_is_named_for_what_it_measures(tmp_path, capsys):
+    task = tmp_path / "task.json"
+    task.write_text(json.dumps([{"id": f"s{i}", "input": f"Rate {i}", "output": f"Verdict: {i} ok"} for i in range(3)]))
+    run = tmp_path / "chain"
+    assert main(["chain", "model=tiny_llama", "task=tiny", f"task.path={task}", "tracker=none", "eval.max_new_tokens=2",
+                 "train.epochs=1", "chain.rounds=1", "k.k=2", f"hydra.run.dir={run}"]) == 0
+    capsys.readouterr()
+    assert main(["ensemble", str(run), "tracker=none", "ensemble.study=true", "ensemble.n_trials=1",
+                 "ensemble.depth_steps=1", "ensemble.max_new_tokens=2"]) == 0
+    out = capsys.readouterr().out
+    assert "train_loss" in out and "heldout_loss" not in out
+    rows = json.loads((run / "ensemble" / "evaluations.json").read_text())
+    assert all("train_loss" in r and "heldout_loss" not in r for r in rows)

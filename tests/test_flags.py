@@ -27,7 +27,7 @@ def test_cfg_job_prints_the_composed_config_and_writes_nothing(tmp_path):
     assert "hydra" not in cfg
     assert list(tmp_path.iterdir()) == []                                 # no run folder, nothing written
     proc = _cli("chain", "--cfg", "all", "--resolve", "--package", "train", cwd=tmp_path)
-    assert proc.returncode == 0 and yaml.safe_load(proc.stdout)["epochs"] == 4
+    assert proc.returncode == 0 and yaml.safe_load(proc.stdout)["epochs"] == 2
     proc = _cli("chain", "--cfg", "hydra", cwd=tmp_path)
     assert proc.returncode == 0 and "run:" in proc.stdout and list(tmp_path.iterdir()) == []
 

@@ -45,12 +45,35 @@ def test_prompt_must_be_a_token_prefix_of_the_conversation(tmp_path):
         tokenize_sample(load_samples(tmp_path)[0], tok, 512, weighted=False)
 
 
-def test_left_truncation_keeps_the_tokens_nearest_the_answer(tmp_path):
+def test_left_truncation_keeps_the_chat_template_and_the_tokens_nearest_the_answer(tmp_path):
     tok = byte_tokenizer()
     _write(tmp_path, {"input": "x" * 100 + "END", "output": "ok"})
-    ex = tokenize_sample(load_samples(tmp_path)[0], tok, max_prompt_tokens=20, weighted=False)
-    assert len(ex.prompt_ids) == 20 and tok.decode(ex.prompt_ids).endswith("END<|im_end|>\n<|im_start|>assistant\n")
-    assert tok.decode(ex.labels[20:]) == "ok<|im_end|>\n"
+    ex = tokenize_sample(load_samples(tmp_path)[0], tok, max_prompt_tokens=40, weighted=False)
+    text = tok.decode(ex.prompt_ids)
+    assert len(ex.prompt_ids) == 40 and text.startswith("<|im_start|>user\nxxx")      # the template's head is kept
+    assert text.endswith("xEND<|im_end|>\n<|im_start|>assistant\n") and text.count("x") < 100
+    assert tok.decode(ex.labels[40:]) == "ok<|im_end|>\n"
+    with pytest.raises(UserError, match="leaves no room"):
+        tokenize_sample(load_samples(tmp_path)[0], tok, max_prompt_tokens=19, weighted=False)
+
+
+def test_behaviour_tokens_come_from_the_scorer_or_an_annotation(tmp_path):
+    from crabsweep.core.tasks import JsonFieldsScorer, SectionsScorer
+    tok = byte_tokenizer()
+    out = "Strengths: vivid.\nWeaknesses: thin.\n**Verdict:** good. Strengths: again"
+    _write(tmp_path, {"input": "q", "output": out})
+    ex = tokenize_sample(load_samples(tmp_path)[0], tok, 512, weighted=False,
+                         scorer=SectionsScorer(["Strengths", "Weaknesses", "Verdict"]))
+    marked = tok.decode(ex.input_ids[ex.behaviour])
+    assert marked == "Strengths:Weaknesses:Verdict:"        # line-start headers only, markup excluded
+    assert not ex.behaviour[ex.labels == -100].any()
+    js = '{"name": "Ada", "city": "Oslo"}'
+    _write(tmp_path, {"input": "q", "output": js})
+    ex = tokenize_sample(load_samples(tmp_path)[0], tok, 512, weighted=False, scorer=JsonFieldsScorer(["name", "city"]))
+    assert tok.decode(ex.input_ids[ex.behaviour]) == '{"name":"city":}'
+    _write(tmp_path, {"input": "q", "output": "abc def", "weights": {"behaviour": ["def"]}})
+    ex = tokenize_sample(load_samples(tmp_path)[0], tok, 512, weighted=False, scorer=SectionsScorer(["X"]))
+    assert tok.decode(ex.input_ids[ex.behaviour]) == "def"
 
 
 @pytest.mark.parametrize("content, match", [

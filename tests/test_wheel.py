@@ -4,6 +4,7 @@ from an unrelated working directory (the venv borrows this one's dependencies; c
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -15,9 +16,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_wheel_installs_and_runs_from_anywhere(tmp_path):
-    dist = tmp_path / "dist"
+    dist, src = tmp_path / "dist", tmp_path / "src"      # built from a copy: nothing written into the checkout
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".venv", ".git", "multirun", "build", "*.egg-info",
+                                                             "__pycache__", ".pytest_cache", "wandb"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(dist),
-                    str(ROOT)], check=True, capture_output=True, timeout=600)
+                    str(src)], check=True, capture_output=True, timeout=600)
     (wheel,) = dist.glob("crabsweep-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "crabsweep/conf/config.yaml" in names and "crabsweep/data/critique/01_lighthouse.json" in names

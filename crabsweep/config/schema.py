@@ -12,7 +12,7 @@ adapters, a granularity's modes) are checked here too. The first problem becomes
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from omegaconf import DictConfig, OmegaConf
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -64,16 +64,33 @@ class StopConfig(_M):
 
 
 class ClassifyConfig(_M):
-    gap: float = Field(gt=0, allow_inf_nan=False)
-    collateral: float = Field(gt=0, allow_inf_nan=False)
-    similarity: float = Field(ge=0, le=1)
+    floor: float = Field(ge=0, allow_inf_nan=False)
+    specific_fraction: float = Field(gt=0, le=1)
+    collateral_fraction: float = Field(ge=0, allow_inf_nan=False)
+    seed_k: float = Field(ge=0, allow_inf_nan=False)
+    min_ratios: int = Field(ge=1)
     halving: float = Field(gt=0, le=1)
+    similarity_margin: float = Field(ge=0, le=1)
+
+
+class GateConfig(_M):
+    min_task_score: float | None = Field(None, ge=0, le=1)
+    max_behaviour_ce: float | None = Field(None, gt=0, allow_inf_nan=False)
+
+
+class ChainObjective(_M):
+    collateral_weight: float = Field(ge=0, allow_inf_nan=False)
+    content_weight: float = Field(ge=0, allow_inf_nan=False)
 
 
 class ChainConfig(_M):
     rounds: int = Field(ge=0)
     inventory: str | None
     control: Literal["last", "every", "none"]
+    seeds: list[Annotated[int, Field(ge=0)]] | None = Field(None, min_length=1)
+    recruit_audit: bool = True
+    gate: GateConfig
+    objective: ChainObjective
     stop: StopConfig
     classify: ClassifyConfig
 

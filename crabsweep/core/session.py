@@ -59,6 +59,7 @@ class Session:
         self.basis = make_basis(cfg.suppression, self.loaded)      # after wrapping: PEFT freezes other weights
         self.adapter.reset(int(cfg.seed))             # deterministic from the start, not only per round
         self._means = None
+        self.memo: dict = {}                            # what no round changes (baselines, …), per session
         log.info("task %s: %d train / %d held-out samples; %d %s units; adapter %s", self.task.name,
                  len(self.task.train), len(self.task.heldout), self.basis.n_units, self.basis.name, self.adapter.name)
 

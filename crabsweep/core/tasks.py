@@ -2,7 +2,7 @@
 
 A task is a file or a folder of JSON files. A file holds one sample object, a list of them, or
 `{"samples": [...]}`. A sample has `input` and `output`, optionally `id`, `split` ("train" or
-"heldout") and `weights: {"conclusion": [...], "glue": [...]}` — substrings of `output` whose tokens
+"heldout"), `weights: {"conclusion": [...], "glue": [...]}` — substrings of `output` whose tokens
 get weight 2.0 / 0.1 (other assistant tokens 0.5), as in the reference. Every problem is a UserError
 naming the file and the fix.
 """
@@ -37,6 +37,7 @@ class Sample:
     split: str = "train"
     conclusion: list[str] = field(default_factory=list)
     glue: list[str] = field(default_factory=list)
+    behaviour: list[str] = field(default_factory=list)   # substrings that carry the behaviour (else the scorer's)
 
 
 @dataclass
@@ -46,6 +47,7 @@ class Example:
     labels: torch.Tensor         # [T] -100 on the prompt
     weights: torch.Tensor        # [T] per-token loss weight (0 on the prompt)
     prompt_ids: torch.Tensor     # [P] what generation starts from
+    behaviour: torch.Tensor | None = None   # [T] bool: answer tokens that carry the behaviour (headers, keys)
 
 
 @dataclass
@@ -105,8 +107,8 @@ def _parse_sample(item, f: Path, default_id: str) -> Sample:
     if split not in ("train", "heldout"):
         raise UserError(f"{where}: split '{split}' must be 'train' or 'heldout'")
     weights = item.get("weights") or {}
-    if not isinstance(weights, dict) or set(weights) - {"conclusion", "glue"}:
-        raise UserError(f"{where}: 'weights' takes only 'conclusion' and 'glue' lists of substrings")
+    if not isinstance(weights, dict) or set(weights) - {"conclusion", "glue", "behaviour"}:
+        raise UserError(f"{where}: 'weights' takes only 'conclusion', 'glue' and 'behaviour' lists of substrings")
     for kind, strings in weights.items():
         if not isinstance(strings, list) or not all(isinstance(s, str) and s for s in strings):
             raise UserError(f"{where}: weights.{kind} must be a list of non-empty strings (substrings of 'output')")
@@ -115,7 +117,8 @@ def _parse_sample(item, f: Path, default_id: str) -> Sample:
                 raise UserError(f"{where}: {kind} string {s!r} does not occur in 'output'; "
                                 "copy it verbatim from the output or remove it")
     return Sample(id=str(item.get("id", default_id)), input=item["input"], output=item["output"], source=str(f),
-                  split=split, conclusion=list(weights.get("conclusion", [])), glue=list(weights.get("glue", [])))
+                  split=split, conclusion=list(weights.get("conclusion", [])), glue=list(weights.get("glue", [])),
+                  behaviour=list(weights.get("behaviour", [])))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -132,8 +135,23 @@ def render(tokenizer, prompt: str, answer: str | None) -> str:
     return prompt + "\n" + answer + (tokenizer.eos_token or "")
 
 
-def tokenize_sample(sample: Sample, tokenizer, max_prompt_tokens: int, weighted: bool) -> Example:
-    """Chat-format a sample; labels only on the assistant part; per-token weights from annotations."""
+def _overlapping(offsets, first: int, spans) -> torch.Tensor:
+    """Tokens (from `first` on) whose character span overlaps any of `spans`."""
+    hit = torch.zeros(len(offsets), dtype=torch.bool)
+    for a, b in spans:
+        for t in range(first, len(offsets)):
+            if offsets[t][0] < b and offsets[t][1] > a:
+                hit[t] = True
+    return hit
+
+
+def _substring_spans(text: str, start: int, strings) -> list[tuple[int, int]]:
+    return [(start + text.find(s), start + text.find(s) + len(s)) for s in strings if s in text]
+
+
+def tokenize_sample(sample: Sample, tokenizer, max_prompt_tokens: int, weighted: bool, scorer=None) -> Example:
+    """Chat-format a sample; labels only on the assistant part; per-token weights from annotations;
+    behaviour tokens from the sample's `behaviour` annotation or the scorer's `spans`."""
     prompt_text = render(tokenizer, sample.input, None)
     full_text = render(tokenizer, sample.input, sample.output)
     enc = tokenizer(full_text, add_special_tokens=False, return_offsets_mapping=True)
@@ -144,31 +162,47 @@ def tokenize_sample(sample: Sample, tokenizer, max_prompt_tokens: int, weighted:
                         "conversation's tokens under this chat template; use a model whose template "
                         "renders the user turn identically with and without the answer")
     n_prompt = len(prompt_ids)
+    out = sample.output if sample.output in full_text[len(prompt_text):] else sample.output.strip()
+    out_start = full_text.find(out, len(prompt_text))
+    annotated = weighted and (sample.conclusion or sample.glue)
+    if out_start < 0 and (annotated or sample.behaviour):
+        raise UserError(f"{sample.source} (sample '{sample.id}'): the chat template alters the output text, "
+                        "so annotations cannot be placed; set train.weighted=false and drop 'behaviour'")
     weights = torch.zeros(len(full_ids))
-    weights[n_prompt:] = WEIGHT_OTHER if weighted and (sample.conclusion or sample.glue) else 1.0
-    if weighted and (sample.conclusion or sample.glue):
-        out = sample.output if sample.output in full_text[len(prompt_text):] else sample.output.strip()
-        out_start = full_text.find(out, len(prompt_text))
-        if out_start < 0:
-            raise UserError(f"{sample.source} (sample '{sample.id}'): the chat template alters the output text, "
-                            "so weight annotations cannot be placed; set train.weighted=false")
+    weights[n_prompt:] = WEIGHT_OTHER if annotated else 1.0
+    if annotated:
         for strings, w in ((sample.glue, WEIGHT_GLUE), (sample.conclusion, WEIGHT_CONCLUSION)):
-            for s in strings:
-                a = out_start + out.find(s)
-                b = a + len(s)
-                for t in range(n_prompt, len(full_ids)):
-                    if offsets[t][0] < b and offsets[t][1] > a:
-                        weights[t] = w
+            for span in _substring_spans(out, out_start, strings):
+                weights[_overlapping(offsets, n_prompt, [span])] = w
+    behaviour = torch.zeros(len(full_ids), dtype=torch.bool)
+    if out_start >= 0:
+        spans = (_substring_spans(out, out_start, sample.behaviour) if sample.behaviour else
+                 [(out_start + a, out_start + b) for a, b in getattr(scorer, "spans", lambda _t: [])(out)])
+        behaviour = _overlapping(offsets, n_prompt, spans)
     ids = torch.tensor(full_ids, dtype=torch.long)
     labels = ids.clone()
     labels[:n_prompt] = -100
-    if n_prompt > max_prompt_tokens:   # left truncation: keep the tokens nearest the answer
-        cut = n_prompt - max_prompt_tokens
-        log.warning("sample '%s': prompt has %d tokens, dropping the first %d (task.max_prompt_tokens=%d)",
-                    sample.id, n_prompt, cut, max_prompt_tokens)
-        ids, labels, weights = ids[cut:], labels[cut:], weights[cut:]
-        n_prompt = max_prompt_tokens
-    return Example(sample, ids, labels, weights, ids[:n_prompt].clone())
+    if n_prompt > max_prompt_tokens:
+        ids, labels, weights, behaviour, n_prompt = _truncate(sample, prompt_text, offsets, ids, labels, weights,
+                                                               behaviour, n_prompt, max_prompt_tokens)
+    return Example(sample, ids, labels, weights, ids[:n_prompt].clone(), behaviour)
+
+
+def _truncate(sample, prompt_text, offsets, ids, labels, weights, behaviour, n_prompt, limit):
+    """Left truncation inside the user's content: the chat template's head (system turn, role header) and
+    the prompt's tail are kept; the oldest content tokens are dropped."""
+    content_start = prompt_text.find(sample.input)
+    content_end = content_start + len(sample.input)
+    head = sum(1 for t in range(n_prompt) if offsets[t][1] <= max(content_start, 0))
+    tail = sum(1 for t in range(n_prompt) if offsets[t][0] >= content_end)
+    cut = n_prompt - limit
+    if content_start < 0 or head + tail >= limit:
+        raise UserError(f"sample '{sample.id}': task.max_prompt_tokens={limit} leaves no room for the prompt next to "
+                        f"the chat template's own {head + tail} tokens; raise task.max_prompt_tokens")
+    log.warning("sample '%s': prompt has %d tokens, dropping %d content tokens after the template's head "
+                "(task.max_prompt_tokens=%d)", sample.id, n_prompt, cut, limit)
+    keep = torch.cat([torch.arange(head), torch.arange(head + cut, len(ids))])
+    return ids[keep], labels[keep], weights[keep], behaviour[keep], limit
 
 
 def read_task(tcfg) -> list[Sample]:
@@ -191,7 +225,7 @@ def load_task(tcfg, tokenizer, weighted: bool = True, samples: list[Sample] | No
     """Build the task named by the `task` config group: samples, split, tokenization and scorer."""
     samples = read_task(tcfg) if samples is None else samples
     scorer = make_scorer(tcfg.scorer)
-    examples = [tokenize_sample(s, tokenizer, int(tcfg.max_prompt_tokens), weighted) for s in samples]
+    examples = [tokenize_sample(s, tokenizer, int(tcfg.max_prompt_tokens), weighted, scorer) for s in samples]
     files = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in task_files(tcfg.path)}
     return Task(tcfg.name, [e for e in examples if e.sample.split == "train"],
                 [e for e in examples if e.sample.split == "heldout"], scorer, files)
@@ -203,13 +237,16 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     batch = {"input_ids": torch.full((len(examples), n), pad_id, dtype=torch.long),
              "attention_mask": torch.zeros((len(examples), n), dtype=torch.long),
              "labels": torch.full((len(examples), n), -100, dtype=torch.long),
-             "weights": torch.zeros((len(examples), n))}
+             "weights": torch.zeros((len(examples), n)),
+             "behaviour": torch.zeros((len(examples), n), dtype=torch.bool)}
     for i, e in enumerate(examples):
         t = len(e.input_ids)
         batch["input_ids"][i, :t] = e.input_ids
         batch["attention_mask"][i, :t] = 1
         batch["labels"][i, :t] = e.labels
         batch["weights"][i, :t] = e.weights
+        if e.behaviour is not None:
+            batch["behaviour"][i, :t] = e.behaviour
     return batch
 
 
@@ -224,10 +261,14 @@ class SectionsScorer:
     """Fraction of the required section headers that start a line of the generation."""
 
     def __init__(self, headers):
-        self.patterns = [re.compile(rf"(?im)^[\s#*_>-]*{re.escape(h)}\s*[*_]*\s*:") for h in headers]
+        self.patterns = [re.compile(rf"(?im)^[\s#*_>-]*({re.escape(h)}\s*[*_]*\s*:)") for h in headers]
 
     def __call__(self, text: str) -> float:
         return sum(bool(p.search(text)) for p in self.patterns) / len(self.patterns)
+
+    def spans(self, text: str) -> list[tuple[int, int]]:
+        """The behaviour's own characters: every header with its colon."""
+        return [m.span(1) for p in self.patterns for m in p.finditer(text)]
 
 
 class JsonFieldsScorer:
@@ -247,6 +288,11 @@ class JsonFieldsScorer:
         if not isinstance(obj, dict):
             return 0.0
         return sum(k in obj for k in self.keys) / len(self.keys)
+
+    def spans(self, text: str) -> list[tuple[int, int]]:
+        """The behaviour's own characters: the JSON braces and every required key with its colon."""
+        out = [m.span() for k in self.keys for m in re.finditer(rf'"{re.escape(k)}"\s*:', text)]
+        return out + [m.span() for m in re.finditer(r"[{}]", text)]
 
 
 class _ScorerConfig(BaseModel):
@@ -273,6 +319,7 @@ class TaskConfig(BaseModel):
     name: str = Field(min_length=1)
     path: str = Field(min_length=1)
     heldout: list[str] = []
+    learned_at: float | None = Field(None, ge=0, le=1)
     max_prompt_tokens: int = Field(ge=1)
     scorer: dict
 

@@ -33,18 +33,24 @@ from .round import RoundResult, posthoc_scores, run_round
 
 log = logging.getLogger(__name__)
 
-ROUND_CODE_VERSION = "2"
+ROUND_CODE_VERSION = "3"
 ROUND_DENY = ("command", "sweep", "tracker", "ensemble", "chain", "k", "round.suppress", "attribution", "seed",
               "launcher", "hydra")
 PACKAGES = ("crabsweep", "torch", "transformers", "peft")
 
 
-def round_key(session, suppressed, seed: int, generations: bool) -> str:
+def _file_sha(path) -> str | None:
+    p = Path(str(path))
+    return hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
+
+
+def round_key(session, suppressed, seed: int, generations: bool, mask_off: bool | None = None) -> str:
     extra = {"version": ROUND_CODE_VERSION, "packages": {p: version(p) for p in PACKAGES},
              "model": session.loaded.fingerprint, "task_files": session.task.files,
              "device": str(session.device), "dtype": str(session.loaded.dtype),
              "suppressed": sorted([list(map(int, u)) for u in set(map(tuple, suppressed))]),
-             "seed": int(seed), "generations": bool(generations)}
+             "seed": int(seed), "generations": bool(generations), "mask_off": mask_off,
+             "collateral_text": _file_sha(session.cfg.eval.collateral_path)}
     return config_key(session.cfg, ROUND_DENY, extra)
 
 
@@ -141,15 +147,15 @@ class RoundCache:
 
 
 def cached_round(session, suppressed, index: int, cache: RoundCache | None, seed: int, generations: bool = True,
-                 posthoc: bool = True, label: str | None = None) -> RoundResult:
+                 posthoc: bool = True, label: str | None = None, mask_off: bool | None = None) -> RoundResult:
     """`run_round` through the cache (when there is one); post-hoc scores cached under their own config."""
     if cache is None:
-        return run_round(session, suppressed, index, generations, seed, posthoc=posthoc, label=label)
-    key = round_key(session, suppressed, seed, generations)
+        return run_round(session, suppressed, index, generations, seed, posthoc=posthoc, label=label, mask_off=mask_off)
+    key = round_key(session, suppressed, seed, generations, mask_off)
     result = cache.get(key, index, suppressed, session.basis.unit_json)
     fresh = result is None
     if fresh:
-        result = run_round(session, suppressed, index, generations, seed, posthoc=False, label=label)
+        result = run_round(session, suppressed, index, generations, seed, posthoc=False, label=label, mask_off=mask_off)
         cache.put(key, result, session)
     if posthoc and METHODS.get(session.cfg.attribution.name).kind == "posthoc":
         pkey = posthoc_key(session)

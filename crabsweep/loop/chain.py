@@ -6,10 +6,12 @@ its matched random control (`round_<r>/control/`) are written under temporary na
 complete, separately, so a failing control never discards a finished round and a chain killed
 mid-round resumes after its last complete round. `chain.json` is rebuilt from the round records.
 
-Per-round metrics beyond the round's own: delta_loss (init − final: the reference's number),
-final_gap (final − round 0's final), damage (base + mask − base, no adapter, train targets),
-collateral (the same on unrelated text), top1_score, layers_with_recruits, and with the matched random
-control final_gap_random and specificity = final_gap − final_gap_random.
+Round 0 is a gate: if it did not learn the behaviour (loop/objective.learned) the chain stops and has no
+trajectory. Per-round metrics beyond the round's own (loop/round.py: losses, behaviour- and content-token
+CE, task score, damage and collateral of the mask): delta_loss (init − final: the reference's number),
+final_gap (final − round 0's final), top1_score, layers_with_recruits, generation_similarity (to round 0),
+and with the matched random control (every round by default) the control's numbers as `*_random`,
+specificity = final_gap − final_gap_random and the selective objective (loop/objective.py: selectivity).
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ from ..core.unitsets import load_units, save_units
 from ..errors import UserError
 from ..methods.selection import check_k, matched_random, select
 from .cache import cached_round
-from .metrics import base_loss, text_examples
-from .trajectory import classify, idle_audit
+from .metrics import baselines, massive_units, recruit_audit
+from .objective import against_control, learned
+from .trajectory import classify, idle_audit, similarity
 
 log = logging.getLogger(__name__)
 
@@ -87,27 +90,22 @@ def _stop_reason(ccfg, metrics: dict, rounds: list[dict]) -> str | None:
     return None
 
 
-class _Context:
-    """What every round of one chain shares: baselines on the train and generic texts."""
-
-    def __init__(self, session):
-        self.generic = text_examples(session.cfg.eval.collateral_path, session.tokenizer)
-        self.baseline = {"train_loss": base_loss(session, session.task.train, []),
-                         "collateral_loss": base_loss(session, self.generic, [])}
-
-
 def run_chain(session, run_dir: str | Path, cache=None, tracker=None,
               on_round: Callable[[dict], str | None] | None = None) -> dict:
     """Run (or resume) the chain into `run_dir`. `on_round(record)` may return a reason to stop
-    (the sweep's pruner); `cache` reuses rounds with identical inputs; `tracker` mirrors the records."""
+    (the sweep's pruner); `cache` reuses rounds with identical inputs; `tracker` mirrors the records.
+    With `chain.seeds` (≥ 2 seeds) every seed runs its own chain in `seed_<s>/` (loop/replicates.py)."""
+    seeds = session.cfg.chain.get("seeds")
+    if seeds is not None and len(seeds) > 1:
+        from .replicates import run_replicates
+        return run_replicates(session, Path(run_dir), [int(s) for s in seeds], cache, tracker, on_round)
     plan = plan_chain(session)
     run_dir = Path(run_dir)
-    ctx = _Context(session)
-    rounds, stopped = execute(session, plan, run_dir, ctx, cache, tracker, on_round)
-    return record_chain(session, plan, run_dir, rounds, stopped, ctx, cache, tracker)
+    rounds, stopped = execute(session, plan, run_dir, cache, tracker, on_round)
+    return record_chain(session, plan, run_dir, rounds, stopped, cache, tracker)
 
 
-def execute(session, plan: ChainPlan, run_dir: Path, ctx, cache, tracker, on_round) -> tuple[list[dict], str | None]:
+def execute(session, plan: ChainPlan, run_dir: Path, cache, tracker, on_round) -> tuple[list[dict], str | None]:
     done = completed_rounds(run_dir)
     if done:
         log.info("resuming %s after round %d", run_dir, len(done) - 1)
@@ -121,9 +119,12 @@ def execute(session, plan: ChainPlan, run_dir: Path, ctx, cache, tracker, on_rou
             if _units(session, rec["suppressed"]) != suppressed:
                 raise UserError(f"{run_dir}/round_{r} was made with a different suppressed set; use a new hydra.run.dir")
         else:
-            rec = _main_round(session, plan, r, suppressed, rounds, ctx, cache, run_dir / f"round_{r}")
+            rec = _main_round(session, plan, r, suppressed, rounds, cache, run_dir / f"round_{r}")
         rounds.append(rec)
         stopped = _stop_reason(session.cfg.chain, rec["metrics"], rounds)
+        if r == 0:
+            passed, why = learned(rec["metrics"], session.cfg.chain.gate)
+            stopped = stopped if passed else why
         if _needs_control(plan, r, suppressed, stopped is not None or r == plan.rounds):
             _ensure_control(session, plan, r, suppressed, rounds, cache, run_dir / f"round_{r}")
         if tracker is not None:
@@ -138,25 +139,28 @@ def execute(session, plan: ChainPlan, run_dir: Path, ctx, cache, tracker, on_rou
     return rounds, stopped
 
 
-def _main_round(session, plan, r, suppressed, rounds, ctx, cache, folder: Path) -> dict:
+def _main_round(session, plan, r, suppressed, rounds, cache, folder: Path) -> dict:
     """Run round r (through the cache), derive its chain metrics and selection, commit its folder."""
     result = cached_round(session, suppressed, r, cache, seed=plan.seed)
     m = result.metrics
-    round0_final = rounds[0]["metrics"]["final_loss"] if rounds else m["final_loss"]
-    selected = select(result.scores[plan.method], set(suppressed), session.cfg.k, r,
+    round0 = rounds[0] if rounds else None
+    ratio = session.cfg.attribution.get("exclude_massive")
+    excluded = set(suppressed) | (set(massive_units(session, float(ratio))) if ratio else set())
+    selected = select(result.scores[plan.method], excluded, session.cfg.k, r,
                       session.cfg.attribution.get("normalize", "none"))
     m.update({
         "delta_loss": m["init_loss"] - m["final_loss"],
-        "final_gap": m["final_loss"] - round0_final,
-        "damage": m["init_loss"] - ctx.baseline["train_loss"],            # init = base + mask (B = 0)
-        "collateral": base_loss(session, ctx.generic, suppressed) - ctx.baseline["collateral_loss"],
+        "final_gap": m["final_loss"] - (round0["metrics"]["final_loss"] if round0 else m["final_loss"]),
         "top1_score": selected[0]["score"] if selected else None,
         "layers_with_recruits": len({layer for x in selected for layer in session.basis.layers_of(
             session.basis.unit_from_json(x["unit"]))}),
+        "generation_similarity": similarity(round0["generations"], result.generations) if round0 else None,
     })
     rec = result.record()
     rec["recruits"] = {"method": plan.method, "selected": selected, "top": result.recruits}
-    with io.staged_dir(folder) as tmp:                     # appears only when complete
+    if session.cfg.chain.get("recruit_audit"):
+        rec["recruits"]["audit"] = recruit_audit(session, [session.basis.unit_from_json(x["unit"]) for x in selected])
+    with io.staged_dir(folder) as tmp:                                    # appears only when complete
         io.write_tensors(tmp / "scores.safetensors", result.flat_scores())
         result.save_adapter(session, tmp / "adapter")
         io.write_json(tmp / "record.json", rec)
@@ -171,26 +175,28 @@ def _ensure_control(session, plan, r, suppressed, rounds, cache, folder: Path) -
     """The matched random control of round r in its own staged folder; its numbers join the round's record."""
     rec = rounds[r]
     path = folder / "control" / "record.json"
+    round0 = rounds[0]
     if path.exists():
         control = io.read_json(path)
     else:
         units = matched_random(suppressed, session.basis.sizes, plan.seed * 1000 + r)
-        result = cached_round(session, units, r, cache, seed=plan.seed, generations=False, posthoc=False,
+        result = cached_round(session, units, r, cache, seed=plan.seed, posthoc=False, mask_off=False,
                               label=f"control {r}")
         control = result.record()
         control.pop("recruits")
         control["metrics"] = {**control["metrics"],
-                              "final_gap": control["metrics"]["final_loss"] - rounds[0]["metrics"]["final_loss"]}
+                              "final_gap": control["metrics"]["final_loss"] - round0["metrics"]["final_loss"],
+                              "generation_similarity": similarity(round0["generations"], control["generations"])}
         with io.staged_dir(folder / "control") as tmp:
             io.write_json(tmp / "record.json", control)
     m = rec["metrics"]
-    if "specificity" not in m:
-        m["final_gap_random"] = control["metrics"]["final_gap"]
-        m["specificity"] = m["final_gap"] - control["metrics"]["final_gap"]
+    if "final_gap_random" not in m:
+        m.update(against_control(m, control["metrics"], round0["metrics"], session.cfg.chain.objective))
+        m["generation_similarity_random"] = control["metrics"].get("generation_similarity")
         io.write_json(folder / "record.json", rec)
 
 
-def record_chain(session, plan, run_dir: Path, rounds: list[dict], stopped, ctx, cache, tracker) -> dict:
+def record_chain(session, plan, run_dir: Path, rounds: list[dict], stopped, cache, tracker) -> dict:
     """chain.json (derived from the round records), units.json, the Circuit export and chain.png."""
     cfg, basis = session.cfg, session.basis
     methods = {rec["recruits"]["method"] for rec in rounds}
@@ -201,10 +207,11 @@ def record_chain(session, plan, run_dir: Path, rounds: list[dict], stopped, ctx,
                    "granularity": basis.name, "adapter": session.adapter.name, "control": plan.control,
                    "group": getattr(tracker, "group", None),
                    "inventory": [basis.unit_json(u) for u in plan.inventory]},
-        "baseline": ctx.baseline,
+        "baseline": {k: v for k, v in baselines(session).items() if k != "generic"},
         "rounds": [{k: rec[k] for k in ("round", "suppressed", "recruits", "metrics", "generations")} for rec in rounds],
         "stopped": stopped,
-        "trajectory": classify(rounds, cfg.chain.classify),
+        "trajectory": classify(rounds, cfg.chain.classify, learned(rounds[0]["metrics"], cfg.chain.gate),
+                               cfg.chain.gate.get("min_task_score")),
         "idle": idle_audit(basis.sizes, final),
         "fingerprints": fingerprints(session),
     }

@@ -133,8 +133,7 @@ class Ensembler:
         with s.intervene(s.mask(self.units)):
             loss = eval_loss(s, examples)
             texts = generate(s, examples, int(self.ecfg.max_new_tokens))
-        return {"weights": dict(zip(map(str, self.rounds), weights)), "heldout_loss": loss["plain"],
-                "loss_measured_on": "heldout" if s.task.heldout else "train (the task has no held-out samples)",
+        return {"weights": dict(zip(map(str, self.rounds), weights)), self.loss_name: loss["plain"],
                 "task_score": sum(map(s.task.scorer, texts)) / len(texts),
                 "degeneracy": sum(map(degeneracy, texts)) / len(texts), "texts": texts,
                 "combination": self.ecfg.combination, "n_suppressed": self.n_suppressed}
@@ -167,6 +166,9 @@ def study_weights(ens: Ensembler, tracker=None) -> dict:
     e = ens.ecfg
     out_dir = ens.chain_dir / "ensemble"
     metric, direction = e.objective.metric, e.objective.direction
+    if metric == "heldout_loss" and ens.loss_name == "train_loss":
+        log.warning("the task has no held-out samples: the ensemble study minimizes train_loss instead")
+        metric = "train_loss"
     table: list[dict] = []
 
     def record(kind: str, result: dict) -> float:
@@ -202,7 +204,7 @@ def study_weights(ens: Ensembler, tracker=None) -> dict:
         study.optimize(objective, n_trials=remaining)
     pool = [row for row in table if row[metric] is not None]
     best = (min if direction == "minimize" else max)(pool, key=lambda row: row[metric])
-    summary = {"objective": OmegaConf.to_container(e.objective), "best": {k: v for k, v in best.items() if k != "texts"},
+    summary = {"objective": {**OmegaConf.to_container(e.objective), "metric": metric}, "best": {k: v for k, v in best.items() if k != "texts"},
                "single_rounds": {str(r): v for r, v in singles.items()}, "evaluations": len(table)}
     io.write_json(out_dir / "summary.json", summary)
     return summary

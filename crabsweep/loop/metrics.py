@@ -9,34 +9,42 @@ import torch
 
 from ..core.tasks import Example, Sample, Scorer, collate
 from ..errors import UserError
-from .train import token_losses
+from .train import token_ce
 
 
 @torch.no_grad()
 def eval_loss(session, examples: list[Example], batch_size: int | None = None) -> dict:
-    """Token-mean plain loss, weighted loss and per-sample plain losses over `examples`."""
+    """Token-mean plain and weighted loss, per-sample plain losses, and the cross-entropy on the behaviour
+    tokens (what the task's scorer or annotations mark, e.g. section headers, JSON keys) and on the rest of
+    the answer (content) over `examples`."""
     if not examples:
-        return {"plain": None, "weighted": None, "per_sample": {}}
+        return {"plain": None, "weighted": None, "per_sample": {}, "behaviour": None, "content": None}
     model = session.model
     batch_size = batch_size or int(session.cfg.eval.batch_size)
     was_training = model.training
     model.eval()
-    ce_sum = w_sum = tok = wtok = 0.0
+    sums = {"plain": 0.0, "n": 0.0, "weighted": 0.0, "w": 0.0, "behaviour": 0.0, "nb": 0.0, "content": 0.0, "nc": 0.0}
     per_sample = {}
     for i in range(0, len(examples), batch_size):
         chunk = examples[i:i + batch_size]
         batch = collate(chunk, session.pad_id)
         with session.precision():
-            weighted, plain, per_row = token_losses(model, batch, session.device)
-        n = float((batch["labels"] != -100).sum())
-        w = float(batch["weights"].sum())
-        ce_sum += plain.item() * n
-        tok += n
-        w_sum += weighted.item() * w
-        wtok += w
-        per_sample.update({e.sample.id: float(r) for e, r in zip(chunk, per_row)})
+            ce, answer = token_ce(model, batch, session.device)
+        ce = ce.double().cpu()
+        labelled = batch["labels"][:, answer] != -100
+        behaviour = batch["behaviour"][:, answer] & labelled
+        content = labelled & ~behaviour
+        w = batch["weights"][:, answer].double()
+        for key, n, sel in (("plain", "n", labelled), ("behaviour", "nb", behaviour), ("content", "nc", content)):
+            sums[key] += float(ce[sel].sum())
+            sums[n] += float(sel.sum())
+        sums["weighted"] += float((ce * w).sum())
+        sums["w"] += float(w.sum())
+        per_sample.update({e.sample.id: float(ce[j][labelled[j]].mean()) for j, e in enumerate(chunk)})
     model.train(was_training)
-    return {"plain": ce_sum / tok, "weighted": w_sum / wtok, "per_sample": per_sample}
+    ratio = lambda a, b: sums[a] / sums[b] if sums[b] else None  # noqa: E731
+    return {"plain": ratio("plain", "n"), "weighted": ratio("weighted", "w"), "per_sample": per_sample,
+            "behaviour": ratio("behaviour", "nb"), "content": ratio("content", "nc")}
 
 
 @torch.no_grad()
@@ -85,3 +93,69 @@ def base_loss(session, examples: list[Example], suppressed) -> float:
     """Plain loss of the base model (adapter disabled) with `suppressed` masked."""
     with session.adapter.disabled(), session.intervene(session.mask(suppressed)):
         return eval_loss(session, examples)["plain"]
+
+
+def baselines(session) -> dict:
+    """What no round changes, computed once per session: the unrelated-text examples and the base model's
+    loss on the train targets and on that text."""
+    path = str(session.cfg.eval.collateral_path)
+    memo = session.memo.setdefault("baselines", {})
+    if path not in memo:
+        generic = text_examples(path, session.tokenizer)
+        memo[path] = {"generic": generic, "train_loss": base_loss(session, session.task.train, []),
+                      "collateral_loss": base_loss(session, generic, [])}
+    return memo[path]
+
+
+def mask_costs(session, suppressed, init_loss: float) -> dict:
+    """The mask alone, no adapter: `damage` on the train targets (init loss = base + mask, B = 0) and
+    `collateral` on unrelated text, each against the unmasked base model."""
+    base = baselines(session)
+    if not suppressed:
+        return {"damage": 0.0 if init_loss is None else init_loss - base["train_loss"], "collateral": 0.0}
+    return {"damage": init_loss - base["train_loss"],
+            "collateral": base_loss(session, base["generic"], suppressed) - base["collateral_loss"]}
+
+
+def activation_peaks(session) -> list[torch.Tensor]:
+    """Per unit, its largest |activation| over every position of the train examples (base model, no mask);
+    computed once per session."""
+    if "peaks" not in session.memo:
+        from ..core.observers import activations
+        basis = session.basis
+        peaks = [torch.zeros(n, dtype=torch.float64) for n in basis.sizes]
+        for _ex, acts in activations(session, session.task.train, "all", adapter=False):
+            for g, a in acts.items():
+                per_unit = a.reshape(a.shape[0], basis.sizes[g], basis.unit_dim).norm(dim=-1).max(0).values
+                peaks[g] = torch.maximum(peaks[g], per_unit)
+        session.memo["peaks"] = peaks
+    return session.memo["peaks"]
+
+
+def peak_ratio(session, unit) -> float:
+    """A unit's peak |activation| over its group's median peak (massive-activation units: ≫ 1, e.g. 10³)."""
+    peaks = activation_peaks(session)[unit[0]]
+    median = float(peaks.median()) if len(peaks) else 0.0
+    return float(peaks[unit[1]]) / median if median > 0 else float("inf")
+
+
+def massive_units(session, ratio: float) -> list:
+    """Units whose peak |activation| is at least `ratio` × their group's median peak."""
+    out = []
+    for g, peaks in enumerate(activation_peaks(session)):
+        if len(peaks):
+            median = float(peaks.median())
+            out += [(g, int(i)) for i in (peaks >= ratio * median).nonzero().flatten()]
+    return out
+
+
+def recruit_audit(session, units, massive_ratio: float = 100.0) -> list[dict]:
+    """Each selected recruit's own facts: peak |activation| over its layer's median (massive-activation units
+    dominate activation-scaled scores) and its own collateral (base + only this unit masked, unrelated text)."""
+    base = baselines(session)
+    out = []
+    for u in units:
+        ratio = peak_ratio(session, u)
+        out.append({"unit": session.basis.unit_json(u), "peak_over_median": ratio, "massive": ratio >= massive_ratio,
+                    "collateral": base_loss(session, base["generic"], [u]) - base["collateral_loss"]})
+    return out

@@ -21,7 +21,7 @@ from .. import io
 from ..core.basis import Unit
 from ..methods import METHODS, exclude, rank
 from ..methods.streamed import Recorder
-from .metrics import eval_loss, generate, score_generations
+from .metrics import eval_loss, generate, mask_costs, score_generations
 from .train import train
 
 log = logging.getLogger(__name__)
@@ -65,8 +65,9 @@ class RoundResult:
 
 
 def run_round(session, suppressed, index: int = 0, generations: bool = True, seed: int | None = None,
-              posthoc: bool = True, label: str | None = None) -> RoundResult:
-    """Train a fresh adapter under `suppressed`; evaluate; generate (mask on, and off if eval.mask_off)."""
+              posthoc: bool = True, label: str | None = None, mask_off: bool | None = None) -> RoundResult:
+    """Train a fresh adapter under `suppressed`; evaluate (train, held-out, behaviour vs content tokens,
+    damage and collateral of the mask alone); generate (mask on, and off if `mask_off`/eval.mask_off)."""
     cfg, task = session.cfg, session.task
     seed = int(cfg.seed) if seed is None else int(seed)
     suppressed = session.basis.check(suppressed)
@@ -82,12 +83,14 @@ def run_round(session, suppressed, index: int = 0, generations: bool = True, see
         t_train = time.perf_counter() - t_train
         final = eval_loss(session, task.train)
         heldout = eval_loss(session, task.heldout)
+        probe = heldout if task.heldout else final      # behaviour measured on held-out samples when there are
         scores = recorder.scores(suppressed)
         gens = []
         if generations and int(cfg.eval.max_new_tokens) > 0:
             texts = generate(session, task.heldout, int(cfg.eval.max_new_tokens))
             gens = score_generations(task.heldout, texts, task.scorer, mask="on")
-    if gens and cfg.eval.mask_off and suppressed:
+    mask_off = cfg.eval.mask_off if mask_off is None else mask_off
+    if gens and mask_off and suppressed:
         texts = generate(session, task.heldout, int(cfg.eval.max_new_tokens))
         gens += score_generations(task.heldout, texts, task.scorer, mask="off")
 
@@ -99,8 +102,11 @@ def run_round(session, suppressed, index: int = 0, generations: bool = True, see
         "init_loss_weighted": init["weighted"], "final_loss_weighted": final["weighted"],
         "heldout_loss": heldout["plain"], "heldout_loss_weighted": heldout["weighted"],
         "train_loss_per_sample": final["per_sample"], "heldout_loss_per_sample": heldout["per_sample"],
+        "behaviour_ce": probe["behaviour"], "content_ce": probe["content"],
+        "behaviour_split": "heldout" if task.heldout else "train",
         "task_score": _mean_score(gens, "on"), "task_score_mask_off": _mean_score(gens, "off"),
         "n_suppressed": len(suppressed), "steps": len(curve), "train_tokens": tokens,
+        **mask_costs(session, suppressed, init["plain"]),
     }
     timing = {"train_seconds": t_train, "tokens_per_second": tokens / t_train if t_train else None,
               "seconds": time.perf_counter() - t0,

@@ -22,19 +22,25 @@ from ..errors import UserError
 log = logging.getLogger(__name__)
 
 
-def token_losses(model, batch: dict, device, n_virtual: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(weighted loss, plain loss, per-row plain loss). Logits are only computed where labels live."""
+def token_ce(model, batch: dict, device) -> tuple[torch.Tensor, slice]:
+    """Per-token cross-entropy [B, L] of the answer region (positions `first:`) and that slice of the batch.
+    Logits are only computed where labels live (`logits_to_keep`), in fp32 (fp64 stays fp64)."""
     labels = batch["labels"].to(device)
     first = int((labels != -100).int().argmax(1).min())       # earliest answer token in the batch
     keep = labels.shape[1] - first + 1                           # positions first-1 … T-1 predict them
     out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                 logits_to_keep=keep)
     logits = out.logits[:, -keep:-1]
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))     # bf16 → fp32; fp64 stays
-    target = labels[:, first:]
-    w = batch["weights"].to(device, logits.dtype)[:, first:]
-    ce = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")
-    mask = (target != -100).to(logits.dtype)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    ce = F.cross_entropy(logits.transpose(1, 2), labels[:, first:], ignore_index=-100, reduction="none")
+    return ce, slice(first, None)
+
+
+def token_losses(model, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(weighted loss, plain loss, per-row plain loss)."""
+    ce, answer = token_ce(model, batch, device)
+    mask = (batch["labels"][:, answer] != -100).to(device, ce.dtype)
+    w = batch["weights"][:, answer].to(device, ce.dtype)
     plain = (ce * mask).sum() / mask.sum()
     weighted = (ce * w).sum() / w.sum()
     per_row = (ce * mask).sum(1) / mask.sum(1)

@@ -18,7 +18,7 @@ from itertools import accumulate
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..registry import Registry
 
@@ -30,6 +30,7 @@ class MethodConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     name: str
     normalize: Literal["none", "layer_zscore"] = "none"
+    exclude_massive: float | None = Field(None, gt=1)   # never recruit units whose peak |activation| ≥ this × median
 
 
 def streamed_names() -> list[str]:

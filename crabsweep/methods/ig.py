@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 
 class IGConfig(MethodConfig):
     n_steps: int = Field(ge=1)
+    tolerance: float = Field(0.05, gt=0, allow_inf_nan=False)
+    max_steps: int = Field(256, ge=1)
 
 
 def _loss(session, batch):
@@ -64,9 +66,19 @@ def integrated_gradients(session, mask, n_steps: int) -> tuple[list[torch.Tensor
 @METHODS.register("integrated_gradients", config=IGConfig, kind="posthoc",
                   granularities=("mlp_neuron", "attention_head", "residual_dim"), adapters=None)
 def run(session, acfg, mask):
-    signed, check = integrated_gradients(session, mask, int(acfg.n_steps))
-    if check["ratio"] is not None and abs(check["ratio"] - 1) > 0.05:
-        log.warning("integrated gradients completeness %.3f is off by more than 5%%; raise attribution.n_steps",
-                    check["ratio"])
+    """IG with `n_steps`, doubled until completeness is within `tolerance` (at most `max_steps`)."""
+    n, tol, cap = int(acfg.n_steps), float(acfg.get("tolerance", 0.05)), int(acfg.get("max_steps", 256))
+    signed, check = integrated_gradients(session, mask, n)
+    error = lambda c: abs(c["ratio"] - 1) if c["ratio"] is not None else 0.0  # noqa: E731
+    while error(check) > tol and 2 * n <= cap:
+        log.info("integrated gradients completeness %.3f off by more than %.0f%%; refining to %d steps",
+                 check["ratio"], 100 * tol, 2 * n)
+        finer_signed, finer = integrated_gradients(session, mask, 2 * n)
+        if error(finer) > 0.8 * error(check):     # not converging (e.g. nested sites): keep the cheaper one
+            break
+        n, signed, check = 2 * n, finer_signed, finer
+    if check["ratio"] is not None and abs(check["ratio"] - 1) > tol:
+        log.warning("integrated gradients completeness %.3f is off by more than %.0f%% at %d steps; raise "
+                    "attribution.max_steps", check["ratio"], 100 * tol, n)
     return ({"integrated_gradients": [t.abs() for t in signed], "integrated_gradients_signed": signed},
             {"ig_completeness": check})

@@ -124,7 +124,7 @@ class WandbTracker:
     def _log_evaluation(self, row: dict, index: int) -> None:
         weights = {f"ensemble/w_round{r}": w for r, w in row["weights"].items()}
         self.run.log({"ensemble/eval": index, **_scalars(row, "ensemble/"), **weights})
-        self.evaluation_rows.append([index, row["kind"], str(row["weights"]), row["heldout_loss"], row["task_score"],
+        self.evaluation_rows.append([index, row["kind"], str(row["weights"]), row.get("heldout_loss", row.get("train_loss")), row["task_score"],
                                      row["degeneracy"], row["texts"][0] if row["texts"] else ""])
 
     def finish(self, chain: dict | None, state: str = "finished") -> None:

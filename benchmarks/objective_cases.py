@@ -1,0 +1,107 @@
+"""Does the selective objective mean what it says? Three suppression sets on the embedded model.
+
+    python benchmarks/objective_cases.py [overrides …]         (SmolLM2 / critique by default; ~7 rounds)
+
+Round 0 is trained once (nothing suppressed). Then, for sets S of `--size` units, one round under S and one
+under a matched random set R (same count per layer), and the objective of loop/objective.py:
+  random          S is itself a random set → J should be ≈ 0
+  infrastructure  S = round 0's top `lora_a_grad` recruits (activation-scaled; on SmolLM2 they include the
+                  massive-activation unit L11:1229) → large final gap, but J low (collateral, content damage)
+  behaviour       S = units whose grad × activation on the behaviour tokens (section headers) is largest,
+                  keeping those whose own collateral on unrelated text is smallest and that are not
+                  massive-activation units → J high
+Prints one row per case; the figures go to benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+import crabsweep as cs
+from crabsweep.core.observers import GradientProduct
+from crabsweep.core.tasks import collate
+from crabsweep.loop.metrics import baselines, base_loss, peak_ratio
+from crabsweep.loop.objective import against_control
+from crabsweep.loop.train import token_ce
+from crabsweep.methods import rank
+from crabsweep.methods.selection import matched_random
+
+
+def behaviour_attribution(session) -> list[torch.Tensor]:
+    """|Σ a·∂H/∂a| per unit, H = CE of the behaviour tokens of the train answers, round-0 adapter live."""
+    acc = GradientProduct(session.basis)
+    with session.observe(acc):
+        for ex in session.task.train:
+            batch = collate([ex], session.pad_id)
+            ce, answer = token_ce(session.model, batch, session.device)
+            sel = batch["behaviour"][:, answer] & (batch["labels"][:, answer] != -100)
+            ce[sel].mean().backward()
+    session.model.zero_grad(set_to_none=True)
+    return [t.abs().float() for t in acc.totals]
+
+
+def own_collateral(session, unit) -> float:
+    base = baselines(session)
+    return base_loss(session, base["generic"], [unit]) - base["collateral_loss"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--size", type=int, default=16)
+    p.add_argument("--pool", type=int, default=64, help="behaviour candidates screened for collateral")
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args()
+    session = cs.load_session("tracker=none", "eval.mask_off=false", *args.overrides)
+    t0 = time.perf_counter()
+    r0 = cs.run_round(session, [])
+    m0 = r0.metrics
+    print(f"round 0: task score {m0['task_score']}, behaviour CE {m0['behaviour_ce']:.3f}, content CE "
+          f"{m0['content_ce']:.3f}, final loss {m0['final_loss']:.3f}", flush=True)
+    seed = int(session.cfg.seed)
+    sizes = session.basis.sizes
+    every = session.basis.units()
+    pick = torch.randperm(len(every), generator=torch.Generator().manual_seed(seed + 7))[:args.size]
+    sets = {"random": sorted(every[i] for i in pick.tolist())}     # uniformly random units of the whole model
+    sets["infrastructure"] = [session.basis.unit_from_json(x["unit"])
+                              for x in rank(r0.scores["lora_a_grad"], set(), args.size)]
+    scores = behaviour_attribution(session)                       # the round-0 adapter is still live
+    pool = [session.basis.unit_from_json(x["unit"]) for x in rank(scores, set(), args.pool)]
+    screened = sorted((u for u in pool if peak_ratio(session, u) < 100.0), key=lambda u: own_collateral(session, u))
+    sets["behaviour"] = screened[:args.size]
+    rows = []
+    for name, S in sets.items():
+        main_m = _round_metrics(session, S, m0)
+        R = matched_random(S, sizes, seed * 1000 + 1)
+        ctrl_m = _round_metrics(session, R, m0)
+        out = against_control(main_m, ctrl_m, m0, session.cfg.chain.objective)
+        row = {"case": name, "n": len(S), "final_gap": main_m["final_gap"], "final_gap_random": ctrl_m["final_gap"],
+               "behaviour_gap": out["behaviour_gap"], "behaviour_gap_random": out["behaviour_gap_random"],
+               "content_gap": out["content_gap"], "collateral": main_m["collateral"],
+               "collateral_random": ctrl_m["collateral"], "task_score": main_m["task_score"],
+               "task_score_random": ctrl_m["task_score"], "selectivity_total": out["selectivity_total"],
+               "selectivity": out["selectivity"],
+               "units": [f"L{g}:{i}" for g, i in S][:8] + (["…"] if len(S) > 8 else []),
+               "massive_in_set": sum(peak_ratio(session, u) >= 100.0 for u in S)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print(f"\n{'case':16s} {'|S|':>4s} {'gap S/R':>13s} {'ΔH S/R':>13s} {'ΔO S':>7s} {'C S/R':>13s} "
+          f"{'score S/R':>11s} {'J':>8s} {'J/|S|':>8s}")
+    for r in rows:
+        print(f"{r['case']:16s} {r['n']:4d} {r['final_gap']:6.3f}/{r['final_gap_random']:6.3f} "
+              f"{r['behaviour_gap']:6.3f}/{r['behaviour_gap_random']:6.3f} {r['content_gap']:7.3f} "
+              f"{r['collateral']:6.3f}/{r['collateral_random']:6.3f} {r['task_score']:5.2f}/{r['task_score_random']:5.2f} "
+              f"{r['selectivity_total']:8.3f} {r['selectivity']:8.4f}")
+    print(f"\n{time.perf_counter() - t0:.0f}s")
+
+
+def _round_metrics(session, units, m0) -> dict:
+    m = cs.run_round(session, units, index=1).metrics
+    return {**m, "final_gap": m["final_loss"] - m0["final_loss"]}
+
+
+if __name__ == "__main__":
+    main()
