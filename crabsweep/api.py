@@ -45,7 +45,8 @@ def run_chain(session: Session, out_dir: str | Path | None = None, cache=None, t
     from .track.wandb import make_tracker
     out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="crabsweep-chain-"))
     check_run_dir(session.cfg, out)
-    save_config(session.cfg, getattr(session, "overrides", []), out)
+    if not (out / ".hydra" / "config.yaml").exists():     # a resume keeps the run's own config and overrides
+        save_config(session.cfg, getattr(session, "overrides", []), out)
     if tracker is None:
         tracker = make_tracker(session.cfg, name=out.name, group=session.cfg.tracker.get("group") or "chains",
                                job_type="chain", config=chain_config(session.cfg),
