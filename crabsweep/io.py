@@ -179,6 +179,7 @@ def staged_dir(target: str | Path):
 
 
 _LEFTOVERS = (".*.tmp*", ".hydra/.*.tmp*", "round_*/.*.tmp*")   # io's temp names: .<name>.tmp<pid> / .tmp-<x>
+_HELD: set[str] = set()       # run folders this process holds: a nested owned_run_dir on one is a no-op
 
 
 @contextmanager
@@ -191,8 +192,12 @@ def owned_run_dir(path: str | Path, complete=lambda p: any(p.glob("round_*/recor
     - A lock: a second crabsweep process on the same folder is refused with one line.
     - Temp files and folders a killed earlier run left behind (io's `.<name>.tmp…`) are removed on entry.
     - If the command fails before `complete(path)`, everything this invocation made is removed (the folder
-      and the parents it created, or the new entries of a folder that existed); nothing else is touched."""
+      and the parents it created, or the new entries of a folder that existed); nothing else is touched.
+    Nested on a folder this process already holds (the command's scope around the API's), it does nothing."""
     path = Path(path)
+    if os.path.realpath(path) in _HELD:
+        yield path
+        return
     if path.exists() and not path.is_dir():
         raise UserError(f"{what}={path} is a file; pass a folder")
     made = _missing(path)
@@ -224,6 +229,8 @@ def owned_run_dir(path: str | Path, complete=lambda p: any(p.glob("round_*/recor
         lock.close()
         raise UserError(f"{what}={path} already holds an earlier run; pass a new or empty folder (nothing was "
                         "changed)")
+    held = os.path.realpath(path)
+    _HELD.add(held)
     try:
         for p in [q for pattern in _LEFTOVERS for q in path.glob(pattern)]:
             log.info("removing %s, left half-made by an earlier run that was killed", p)
@@ -239,5 +246,6 @@ def owned_run_dir(path: str | Path, complete=lambda p: any(p.glob("round_*/recor
                     _remove(path / name)
         raise
     finally:
+        _HELD.discard(held)
         fcntl.flock(lock, fcntl.LOCK_UN)
         lock.close()
