@@ -144,11 +144,14 @@ def execute(session, plan: ChainPlan, run_dir: Path, ctx, cache, tracker, on_rou
 @contextmanager
 def _failure_record(session, run_dir: Path, r: int, suppressed, part: str = "round"):
     """A round (or its control) that raises leaves `round_<r>.failed.json` (what failed and why) beside
-    the complete rounds; it is never read as a round, and a later success of round r removes it."""
+    the complete rounds; it is never read as a round, and a later success of round r removes it. (Round 0
+    leaves none: with nothing complete, the command removes the run folder it made.)"""
     marker = run_dir / f"round_{r}.failed.json"
     try:
         yield
     except Exception as e:
+        if r == 0 and part == "round":
+            raise
         io.write_json(marker, {"round": r, "part": part, "error": f"{type(e).__name__}: {e}",
                                "suppressed": [session.basis.unit_json(u) for u in suppressed]})
         log.info("round %d: the %s failed; recorded in %s", r, part, marker)   # the error itself is raised
