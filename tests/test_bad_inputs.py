@@ -263,8 +263,8 @@ CASES = [
     ("training NaN train.lr=1e30", lambda b: ["chain", *CHAIN, "train.lr=1e30", f"hydra.run.dir={b.run}"], "lower train.lr"),
     # --- ensemble -----------------------------------------------------------------------------------------
     ("ensemble.weights=[a,b,c]", lambda b: ["ensemble", str(b.chain()), *TINY, "ensemble.weights=[a,b,c]"], B + "ensemble.weights.0='a'"),
-    ("ensemble.weights=[nan,1]", lambda b: ["ensemble", str(b.chain()), *TINY, "ensemble.weights=[nan,1]"], "must be finite"),
-    ("ensemble.weights=[inf,1]", lambda b: ["ensemble", str(b.chain()), *TINY, "ensemble.weights=[inf,1]"], "must be finite"),
+    ("ensemble.weights=[nan,1]", lambda b: ["ensemble", str(b.chain()), *TINY, "ensemble.weights=[nan,1]"], B + "ensemble.weights.0=nan: Input should be a finite number"),
+    ("ensemble.weights=[1,inf]", lambda b: ["ensemble", str(b.chain()), *TINY, "ensemble.weights=[1,inf]"], B + "ensemble.weights.1=inf: Input should be a finite number"),
     ("ensemble.weights count", lambda b: ["ensemble", str(b.chain()), *TINY, "ensemble.weights=[1,1,1]"], "has 3 values for 2 rounds"),
     ("ensemble.weights negative on the simplex", lambda b: ["ensemble", str(b.chain()), *TINY, "ensemble.weights=[-1,1]"], "negative values"),
     ("ensemble.weights zero sum", lambda b: ["ensemble", str(b.chain()), *TINY, "ensemble.weights=[0,0]"], "sum to 0"),

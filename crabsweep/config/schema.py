@@ -12,7 +12,7 @@ adapters, a granularity's modes) are checked here too. The first problem becomes
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from omegaconf import DictConfig, OmegaConf
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -85,7 +85,7 @@ class Objective(_M):
 
 class EnsembleConfig(_M):
     rounds: list[int] | None
-    weights: list[float] | None
+    weights: list[Annotated[float, Field(allow_inf_nan=False)]] | None
     combination: Literal["exact", "svd", "linear"]
     svd_rank: int | None = Field(None, ge=1)
     simplex: bool
@@ -99,12 +99,6 @@ class EnsembleConfig(_M):
     seed: int
     objective: Objective
     save: str | None
-
-    @model_validator(mode="after")
-    def _finite(self):
-        if self.weights is not None and any(w != w or abs(w) == float("inf") for w in self.weights):
-            raise ValueError(f"ensemble.weights {self.weights} must be finite numbers")
-        return self
 
 
 class RootConfig(_M):

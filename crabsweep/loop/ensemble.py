@@ -218,6 +218,10 @@ def study_weights(ens: Ensembler, tracker=None, out_dir: Path | None = None) -> 
     return summary
 
 
+def _has_records(folder: Path) -> bool:
+    return (folder / "summary.json").exists() or (folder / "evaluations.json").exists()
+
+
 def run_ensemble(chain_dir: Path, cfg) -> dict:
     """`crabsweep ensemble`: combine the chain's round adapters with the given weights, or study them."""
     from ..console import setup_logging
@@ -230,8 +234,7 @@ def run_ensemble(chain_dir: Path, cfg) -> dict:
     chain = chain_dir / "chain.json"
     group = (io.read_json(chain)["config"].get("group") if chain.exists() else None) or "chains"
     out = io.free_name(chain_dir, "ensemble")
-    done = lambda p: (p / "summary.json").exists() or (p / "evaluations.json").exists()  # noqa: E731
-    with io.owned_run_dir(out, complete=done, what="ensemble folder"):
+    with io.owned_run_dir(out, complete=_has_records, what="ensemble folder"):
         setup_logging(out)
         ens.load()
         tracker = make_tracker(cfg, name=f"{chain_dir.name}-{out.name}", group=group, job_type="ensemble",
