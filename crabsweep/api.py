@@ -40,17 +40,20 @@ def run_round(session: Session, suppressed=(), index: int = 0, generations: bool
 
 
 def run_chain(session: Session, out_dir: str | Path | None = None, cache=None, tracker=None) -> "Chain":
-    """Run (or resume) a chain into `out_dir` (a new temporary folder if None) and return it."""
+    """Run (or resume) a chain into `out_dir` (a new temporary folder if None) and return it. `out_dir` must be
+    new, empty or an earlier chain of the same config (resumed); another process working in it is refused."""
     from .loop.chain import run_chain as _run
     from .track.wandb import make_tracker
     out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="crabsweep-chain-"))
     check_run_dir(session.cfg, out)
-    save_config(session.cfg, getattr(session, "overrides", []), out)
-    if tracker is None:
-        tracker = make_tracker(session.cfg, name=out.name, group=session.cfg.tracker.get("group") or "chains",
-                               job_type="chain", config=chain_config(session.cfg),
-                               directory=Path(session.cfg.tracker.dir or out), adapters_from=out)
-    _run(session, out, cache=cache, tracker=tracker)
+    with io.owned_run_dir(out, resume=True, what="out_dir"):   # locked; never someone else's folder
+        if not (out / ".hydra" / "config.yaml").exists():    # a resume keeps the run's own config and overrides
+            save_config(session.cfg, getattr(session, "overrides", []), out)
+        if tracker is None:
+            tracker = make_tracker(session.cfg, name=out.name, group=session.cfg.tracker.get("group") or "chains",
+                                   job_type="chain", config=chain_config(session.cfg),
+                                   directory=Path(session.cfg.tracker.dir or out), adapters_from=out)
+        _run(session, out, cache=cache, tracker=tracker)
     return Chain.load(out)
 
 

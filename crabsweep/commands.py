@@ -62,6 +62,10 @@ class Command:
         while n_paths < len(words) and n_paths < self.paths[1] and "=" not in words[n_paths]:
             n_paths += 1
         paths, overrides = [Path(p) for p in words[:n_paths]], words[n_paths:]
+        stray = [w for w in overrides if "=" not in w and not w.startswith("~")]
+        if stray and not (args.help or args.shell_completion):
+            raise UserError(f"{name} takes {self.path_help or 'no paths'}, not '{stray[0]}' (overrides are "
+                            f"key=value): crabsweep {name} {self.path_help} [overrides]".replace("  ", " "))
         if args.help:
             print(console.command_help(name, self))
             return 0
@@ -102,8 +106,10 @@ def _parser(name: str) -> argparse.ArgumentParser:
 
 def _multirun(command: Command, ctx: Context) -> int:
     """Hydra's basic sweeper: the cross product of comma-separated override values, one job at a time."""
-    from .config import expand_multirun, sweep_dir
+    from .config import compose_config, expand_multirun, sweep_dir
     jobs = expand_multirun(ctx.overrides)
+    for job in jobs:                      # every job's config is valid before the first one runs
+        compose_config(ctx.name, job, config_dir=ctx.config_dir)
     base = sweep_dir(ctx.name, ctx.overrides, config_dir=ctx.config_dir)
     log.info("multirun: %d jobs in %s", len(jobs), base)
     codes = []
@@ -121,7 +127,7 @@ def cmd_round(ctx: Context) -> int:
     from .io import owned_run_dir
     from .loop.round import run_round, save_round
     cfg = ctx.compose()
-    with owned_run_dir(ctx.run_dir) as run_dir:
+    with owned_run_dir(ctx.run_dir) as run_dir:        # a new or empty folder: a round does not resume
         console.setup_logging(run_dir)
         save_config(cfg, ctx.overrides, run_dir)
         session = ctx.session()
@@ -139,7 +145,7 @@ def cmd_chain(ctx: Context) -> int:
     cfg = ctx.compose()
     check_run_dir(cfg, ctx.run_dir)
     t0 = time.perf_counter()
-    with owned_run_dir(ctx.run_dir) as run_dir:
+    with owned_run_dir(ctx.run_dir, resume=True) as run_dir:
         console.setup_logging(run_dir)
         chain = run_chain(ctx.session(), run_dir)
     console.print_chain(chain.record, run_dir, time.perf_counter() - t0)

@@ -176,5 +176,7 @@ def print_ensemble(summary: dict, e) -> None:
                       f"{summary['loss_name']} {r[summary['loss_name']]:.4f}, task score {r['task_score']:.2f}, "
                       f"degeneracy {r['degeneracy']:.3f}", markup=False)
         console.print(f"generation: {r['texts'][0]}", markup=False)
+    if summary.get("dir"):
+        console.print(f"records: {summary['dir']}", markup=False)
     if summary.get("saved"):
         console.print(f"saved the ensemble as a PEFT adapter: {summary['saved']}", markup=False)

@@ -102,7 +102,7 @@ class Objective(_M):
 
 class EnsembleConfig(_M):
     rounds: list[int] | None
-    weights: list[float] | None
+    weights: list[Annotated[float, Field(allow_inf_nan=False)]] | None
     combination: Literal["exact", "svd", "linear"]
     svd_rank: int | None = Field(None, ge=1)
     simplex: bool
@@ -116,12 +116,6 @@ class EnsembleConfig(_M):
     seed: int
     objective: Objective
     save: str | None
-
-    @model_validator(mode="after")
-    def _finite(self):
-        if self.weights is not None and any(w != w or abs(w) == float("inf") for w in self.weights):
-            raise ValueError(f"ensemble.weights {self.weights} must be finite numbers")
-        return self
 
 
 class RootConfig(_M):

@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..registry import Registry
 from .device import resolve_device, resolve_dtype
 from ..errors import UserError
-from ..io import staged_dir, write_text
+from ..io import UNREADABLE, staged_dir, write_text
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ def _from_pretrained(path: str, dt, attn, **kw):
     try:
         tok = AutoTokenizer.from_pretrained(path, **kw)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, attn_implementation=attn, **kw)
-    except (OSError, ValueError, ImportError) as e:
+    except (*UNREADABLE, ImportError) as e:
         if os.path.isdir(path):
             raise UserError(f"'{path}' is not a loadable transformers checkpoint ({type(e).__name__}: "
                             f"{' '.join(str(e).split())[:160]}); point model.path at a folder with config.json, "

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import platform
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -119,14 +120,16 @@ def execute(session, plan: ChainPlan, run_dir: Path, cache, tracker, on_round) -
             if _units(session, rec["suppressed"]) != suppressed:
                 raise UserError(f"{run_dir}/round_{r} was made with a different suppressed set; use a new hydra.run.dir")
         else:
-            rec = _main_round(session, plan, r, suppressed, rounds, cache, run_dir / f"round_{r}")
+            with _failure_record(session, run_dir, r, suppressed):
+                rec = _main_round(session, plan, r, suppressed, rounds, cache, run_dir / f"round_{r}")
         rounds.append(rec)
         stopped = _stop_reason(session.cfg.chain, rec["metrics"], rounds)
         if r == 0:
             passed, why = learned(rec["metrics"], session.cfg.chain.gate)
             stopped = stopped if passed else why
         if _needs_control(plan, r, suppressed, stopped is not None or r == plan.rounds):
-            _ensure_control(session, plan, r, suppressed, rounds, cache, run_dir / f"round_{r}")
+            with _failure_record(session, run_dir, r, suppressed, "control"):
+                _ensure_control(session, plan, r, suppressed, rounds, cache, run_dir / f"round_{r}")
         if tracker is not None:
             tracker.log_round(rec)
         if not stopped and on_round is not None:
@@ -137,6 +140,24 @@ def execute(session, plan: ChainPlan, run_dir: Path, cache, tracker, on_round) -
         suppressed = suppressed + _units(session, [x["unit"] for x in rec["recruits"]["selected"]])
     bar.close()
     return rounds, stopped
+
+
+@contextmanager
+def _failure_record(session, run_dir: Path, r: int, suppressed, part: str = "round"):
+    """A round (or its control) that raises leaves `round_<r>.failed.json` (what failed and why) beside
+    the complete rounds; it is never read as a round, and a later success of round r removes it. (Round 0
+    leaves none: with nothing complete, the command removes the run folder it made.)"""
+    marker = run_dir / f"round_{r}.failed.json"
+    try:
+        yield
+    except Exception as e:
+        if r == 0 and part == "round":
+            raise
+        io.write_json(marker, {"round": r, "part": part, "error": f"{type(e).__name__}: {e}",
+                               "suppressed": [session.basis.unit_json(u) for u in suppressed]})
+        log.info("round %d: the %s failed; recorded in %s", r, part, marker)   # the error itself is raised
+        raise
+    marker.unlink(missing_ok=True)
 
 
 def _main_round(session, plan, r, suppressed, rounds, cache, folder: Path) -> dict:

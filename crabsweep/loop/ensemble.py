@@ -9,7 +9,8 @@ An evaluation measures held-out loss, the task score of greedy held-out generati
 degeneracy (the repeated word-3-gram rate), under an optional suppression set (none, the union of
 the rounds' sets, or one round's). `ensemble.study=true` searches weights with Optuna (simplex or free
 scale) and runs a fixed depth sweep (uniform → deepest round); each evaluation goes to a local table
-and to W&B in the chain's group.
+and to W&B in the chain's group. Each `crabsweep ensemble` writes its records into a new folder of the
+chain (`ensemble/`, then `ensemble-1/`, …): an earlier ensemble's records are never overwritten.
 """
 
 from __future__ import annotations
@@ -76,7 +77,12 @@ class Ensembler:
         if not self.session.adapter.combinable:
             raise UserError(f"ensembles combine LoRA adapters; this chain used adapter={self.session.adapter.name}")
         for r in self.rounds:
-            self.session.model.load_adapter(str(self.chain_dir / f"round_{r}" / "adapter"), adapter_name=f"round_{r}")
+            folder = self.chain_dir / f"round_{r}" / "adapter"
+            try:
+                self.session.model.load_adapter(str(folder), adapter_name=f"round_{r}")
+            except io.UNREADABLE as e:
+                raise UserError(f"{folder} is damaged ({type(e).__name__}: {' '.join(str(e).split())[:120]}); "
+                                "restore it or re-run the chain into a new folder") from e
         self.units = self.session.basis.check(self.units, "ensemble.suppression unit")
         self.n_suppressed = len(self.units)
         return self
@@ -141,14 +147,16 @@ class Ensembler:
     def save(self, weights: list[float], target: str | Path) -> Path:
         """Save the combination as a plain PEFT adapter folder (PeftModel.from_pretrained loads it)."""
         self.combine(weights)
-        target = Path(target)
-        if target.exists():
-            raise UserError(f"ensemble.save={target} already exists; pass a new folder (nothing was overwritten)")
-        with io.staged_dir(target) as tmp:
-            self.session.model.save_pretrained(str(tmp), selected_adapters=["ensemble"])
-            for f in (tmp / "ensemble").iterdir():
-                shutil.move(str(f), tmp / f.name)
-            (tmp / "ensemble").rmdir()
+        target = io.check_new(target, "ensemble.save")
+        try:
+            with io.staged_dir(target) as tmp:
+                self.session.model.save_pretrained(str(tmp), selected_adapters=["ensemble"])
+                for f in (tmp / "ensemble").iterdir():
+                    shutil.move(str(f), tmp / f.name)
+                (tmp / "ensemble").rmdir()
+        except OSError as e:
+            raise UserError(f"cannot write ensemble.save={target} ({e.strerror or e}); pass a new, writable "
+                            "path") from e
         return target
 
 
@@ -161,10 +169,10 @@ def depth_grid(n: int, steps: int) -> list[list[float]]:
     return out
 
 
-def study_weights(ens: Ensembler, tracker=None) -> dict:
-    """Depth sweep (fixed grid) + an Optuna study over weights; every evaluation logged locally."""
+def study_weights(ens: Ensembler, tracker=None, out_dir: Path | None = None) -> dict:
+    """Depth sweep (fixed grid) + an Optuna study over weights; every evaluation logged in `out_dir`."""
     e = ens.ecfg
-    out_dir = ens.chain_dir / "ensemble"
+    out_dir = Path(out_dir) if out_dir is not None else ens.chain_dir / "ensemble"
     metric, direction = e.objective.metric, e.objective.direction
     if metric == "heldout_loss" and ens.loss_name == "train_loss":
         log.warning("the task has no held-out samples: the ensemble study minimizes train_loss instead")
@@ -202,12 +210,18 @@ def study_weights(ens: Ensembler, tracker=None) -> dict:
     remaining = int(e.n_trials) - len(study.trials)
     if remaining > 0:
         study.optimize(objective, n_trials=remaining)
-    pool = [row for row in table if row[metric] is not None]
+    pool = [row for row in table if row[metric] is not None and math.isfinite(row[metric])]
+    if not pool:
+        raise UserError(f"no ensemble evaluation gave a finite {metric}; check the chain's adapters and weights")
     best = (min if direction == "minimize" else max)(pool, key=lambda row: row[metric])
     summary = {"objective": {**OmegaConf.to_container(e.objective), "metric": metric}, "best": {k: v for k, v in best.items() if k != "texts"},
                "single_rounds": {str(r): v for r, v in singles.items()}, "evaluations": len(table)}
     io.write_json(out_dir / "summary.json", summary)
     return summary
+
+
+def _has_records(folder: Path) -> bool:
+    return (folder / "summary.json").exists() or (folder / "evaluations.json").exists()
 
 
 def run_ensemble(chain_dir: Path, cfg) -> dict:
@@ -217,23 +231,27 @@ def run_ensemble(chain_dir: Path, cfg) -> dict:
     e = cfg.ensemble
     ens = Ensembler(chain_dir, e)                                  # validates rounds and suppression
     weights = ens.check_weights(e.weights if e.weights is not None else [1.0] * len(ens.rounds))
-    if e.save and Path(e.save).exists():
-        raise UserError(f"ensemble.save={e.save} already exists; pass a new folder (nothing was overwritten)")
-    setup_logging(chain_dir / "ensemble")
-    ens.load()
+    if e.save:
+        io.check_new(e.save, "ensemble.save")                      # refused now, not after the evaluations
     chain = chain_dir / "chain.json"
     group = (io.read_json(chain)["config"].get("group") if chain.exists() else None) or "chains"
-    tracker = make_tracker(cfg, name=f"{chain_dir.name}-ensemble", group=group, job_type="ensemble",
-                           config=OmegaConf.to_container(e), directory=Path(cfg.tracker.dir or chain_dir / "ensemble"))
-    if e.study:
-        summary = study_weights(ens, tracker)
-        weights = [summary["best"]["weights"][str(r)] for r in ens.rounds]
-    else:
-        result = ens.evaluate(weights)
-        tracker.log_evaluation({"kind": "weights", **result}, 0)
-        summary = {"result": result, "rounds": ens.rounds, "weights": weights}
-    tracker.finish(None)
+    out = io.free_name(chain_dir, "ensemble")
+    with io.owned_run_dir(out, complete=_has_records, what="ensemble folder"):
+        setup_logging(out)
+        ens.load()
+        tracker = make_tracker(cfg, name=f"{chain_dir.name}-{out.name}", group=group, job_type="ensemble",
+                               config=OmegaConf.to_container(e), directory=Path(cfg.tracker.dir or out))
+        if e.study:
+            summary = study_weights(ens, tracker, out)
+            weights = [summary["best"]["weights"][str(r)] for r in ens.rounds]
+        else:
+            result = ens.evaluate(weights)
+            tracker.log_evaluation({"kind": "weights", **result}, 0)
+            summary = {"result": result, "rounds": ens.rounds, "weights": weights}
+            io.write_json(out / "summary.json", summary)
+        tracker.finish(None)
     summary["loss_name"] = ens.loss_name
+    summary["dir"] = str(out)
     if e.save:
         summary["saved"] = str(ens.save(weights, e.save))
     return summary

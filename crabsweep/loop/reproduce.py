@@ -36,20 +36,18 @@ def reproduce(run_dir: str | Path, out_dir: str | Path | None = None) -> dict:
     cfg = load_saved_config(run_dir)
     validate(cfg)
     original = io.read_json(run_dir / "chain.json")
-    if out_dir is None:
-        out = next(run_dir / f"reproduce-{i}" for i in range(1, 10_000) if not (run_dir / f"reproduce-{i}").exists())
-    else:
-        out = Path(out_dir)
+    records = _comparable(run_dir)                  # a damaged record is refused before the rerun, not after
+    out = io.free_name(run_dir, "reproduce", first=1) if out_dir is None else Path(out_dir)
     if out.resolve() == run_dir.resolve() or run_dir.resolve().is_relative_to(out.resolve()):
         raise UserError(f"reproduce would write over the run it checks ({out}); pass a new output folder")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} already exists and is not empty; pass a new output folder for the rerun")
-    with owned_run_dir(out):
+    with owned_run_dir(out, what="the rerun's folder"):
         save_config(cfg, [f"reproduce of {run_dir}"], out)
         session = Session(cfg)
         fp_diff = first_difference(original["fingerprints"], fingerprints(session))
         run_chain(session, out)
-    diff = first_difference(_comparable(run_dir), _comparable(out))
+    diff = first_difference(records, _comparable(out))
     report = {"identical": diff is None, "first_difference": diff, "fingerprint_difference": fp_diff,
               "original": str(run_dir), "rerun": str(out), "rounds": len(completed_rounds(out))}
     io.write_json(out / "reproduce.json", report)

@@ -10,6 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from .. import io  # noqa: E402
+
 
 def plot_chain(chain: dict, rounds: list[dict], sizes: list[int], path: str | Path) -> None:
     """`rounds`: the full round records (with loss curves)."""
@@ -40,5 +42,5 @@ def plot_chain(chain: dict, rounds: list[dict], sizes: list[int], path: str | Pa
     ax[1, 1].legend()
     fig.suptitle(f"trajectory: {chain['trajectory']['class']}")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    io.save_figure(fig, path, dpi=90)
     plt.close(fig)

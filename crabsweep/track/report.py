@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import logging
+from io import StringIO
 from pathlib import Path
 
 import matplotlib
@@ -82,10 +83,11 @@ def write_report(study_dir: str | Path) -> dict:
                       f"{r['cache_hits']}/{r['cache_misses']}" if r["cache_hits"] is not None else ""])
     md = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(map(str, row)) + " |" for row in table]
-    (study_dir / "report.md").write_text(f"# Study {meta['study']}\n\nobjective: {meta['objective']}\n\n"
-                                         + "\n".join(md) + f"\n\ndashboard: `{dashboard_command(meta)}`\n")
-    with open(study_dir / "report.csv", "w", newline="") as f:
-        csv.writer(f).writerows([header, *table])
+    io.write_text(study_dir / "report.md", f"# Study {meta['study']}\n\nobjective: {meta['objective']}\n\n"
+                  + "\n".join(md) + f"\n\ndashboard: `{dashboard_command(meta)}`\n")
+    buf = StringIO()
+    csv.writer(buf).writerows([header, *table])
+    io.write_text(study_dir / "report.csv", buf.getvalue())
     images = {"objective": _plot_objective(rows, meta, study_dir / "objective.png"),
               "final_gap": _plot_gaps(rows, study_dir / "final_gap.png"), **_optuna_plots(study, study_dir)}
     return {"meta": meta, "header": header, "table": table, "rows": rows,
@@ -109,7 +111,7 @@ def _plot_objective(rows, meta, path: Path) -> Path | None:
     ax.set_xticks(range(len(order)), order, rotation=30, ha="right")
     ax.set(title=f"{meta['objective']['metric']} ({meta['objective']['direction']}) per trial", ylabel="objective")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    io.save_figure(fig, path, dpi=90)
     plt.close(fig)
     return path
 
@@ -125,7 +127,7 @@ def _plot_gaps(rows, path: Path) -> Path | None:
     ax.set(title="final gap per round", xlabel="round", ylabel="final loss − round 0's")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    io.save_figure(fig, path, dpi=90)
     plt.close(fig)
     return path
 
@@ -145,7 +147,7 @@ def _optuna_plots(study, study_dir: Path) -> dict[str, Path]:
             fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
             fig.set_size_inches(8, 5)
             fig.tight_layout()
-            fig.savefig(study_dir / f"{name}.png", dpi=80)
+            io.save_figure(fig, study_dir / f"{name}.png", dpi=80)
             plt.close(fig)
             out[name] = study_dir / f"{name}.png"
         except Exception as e:  # noqa: BLE001 — e.g. too few finished trials for importances
