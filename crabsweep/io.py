@@ -51,6 +51,18 @@ def write_bytes(path: str | Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def save_figure(fig, path: str | Path, **kwargs) -> None:
+    """`fig.savefig` to a temporary name, then renamed: a plot is complete or absent."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    try:
+        fig.savefig(tmp, **kwargs)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def finite(obj):
     """The JSON-like value with every non-finite float replaced by None (strict JSON)."""
     if isinstance(obj, float):

@@ -9,6 +9,7 @@ values) into the study folder, and prints the command that opens optuna-dashboar
 from __future__ import annotations
 
 import csv
+import io as io_module
 import logging
 from pathlib import Path
 
@@ -20,24 +21,19 @@ import optuna  # noqa: E402
 
 from .. import io  # noqa: E402
 from ..loop.chain import completed_rounds  # noqa: E402
-from ..errors import UserError  # noqa: E402
 
 log = logging.getLogger(__name__)
 ROUND_METRICS = ("final_gap", "specificity", "damage", "collateral", "heldout_loss", "top1_score")
 
 
 def load(study_dir: str | Path) -> tuple[dict, optuna.Study]:
-    study_dir = Path(study_dir)
-    if not (study_dir / "sweep.json").exists():
-        raise UserError(f"{study_dir} holds no sweep.json; pass the folder of a `crabsweep sweep` study")
-    meta = io.read_json(study_dir / "sweep.json")
-    from ..sweep.study import make_storage
-    return meta, optuna.load_study(study_name=meta["study"], storage=make_storage(meta["storage"]))
+    from ..sweep.storage import open_recorded_study
+    return open_recorded_study(study_dir)
 
 
 def run_dir_of(trial, study_dir: Path | None = None) -> Path | None:
     """A trial's chain folder (recorded relative to the study folder; absolute in older studies)."""
-    rel = trial.user_attrs.get("run_dir")
+    rel = trial.system_attrs.get("run_dir", trial.user_attrs.get("run_dir"))
     if not rel:
         return None
     path = Path(rel)
@@ -48,21 +44,26 @@ def trial_rows(study: optuna.Study, study_dir: Path | None = None) -> list[dict]
     rows = []
     for t in study.get_trials(deepcopy=False):
         run_dir = run_dir_of(t, study_dir) or Path("")
-        rounds = completed_rounds(run_dir) if t.user_attrs.get("run_dir") else []
+        rounds = completed_rounds(run_dir) if run_dir_of(t) else []
         chain = io.read_json(run_dir / "chain.json") if (run_dir / "chain.json").exists() else {}
         rows.append({
             "trial": t.number, "state": t.state.name, "value": t.value, "params": dict(t.params),
             "trajectory": chain.get("trajectory", {}).get("class", t.user_attrs.get("trajectory")),
             "rounds": [{k: rec["metrics"].get(k) for k in ROUND_METRICS} for rec in rounds],
             "retry_of": t.system_attrs.get("failed_trial"),
-            "cache_hits": t.user_attrs.get("cache_hits"), "cache_misses": t.user_attrs.get("cache_misses"),
+            "cache_hits": t.system_attrs.get("cache_hits", t.user_attrs.get("cache_hits")),
+            "cache_misses": t.system_attrs.get("cache_misses", t.user_attrs.get("cache_misses")),
         })
     return rows
 
 
 def dashboard_command(meta: dict) -> str:
+    from ..redact import MASK
+    from ..sweep.storage import ENV
     storage = meta["storage"]
     target = storage.removeprefix("journal:") if storage.startswith("journal:") else storage
+    if MASK in target:
+        target = f'"${ENV}"   # {target}'                 # the password is never written
     return f"pip install optuna-dashboard && optuna-dashboard {target}"
 
 
@@ -82,10 +83,11 @@ def write_report(study_dir: str | Path) -> dict:
                       f"{r['cache_hits']}/{r['cache_misses']}" if r["cache_hits"] is not None else ""])
     md = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(map(str, row)) + " |" for row in table]
-    (study_dir / "report.md").write_text(f"# Study {meta['study']}\n\nobjective: {meta['objective']}\n\n"
-                                         + "\n".join(md) + f"\n\ndashboard: `{dashboard_command(meta)}`\n")
-    with open(study_dir / "report.csv", "w", newline="") as f:
-        csv.writer(f).writerows([header, *table])
+    io.write_text(study_dir / "report.md", f"# Study {meta['study']}\n\nobjective: {meta['objective']}\n\n"
+                  + "\n".join(md) + f"\n\ndashboard: `{dashboard_command(meta)}`\n")
+    text = io_module.StringIO()
+    csv.writer(text).writerows([header, *table])
+    io.write_text(study_dir / "report.csv", text.getvalue())
     images = {"objective": _plot_objective(rows, meta, study_dir / "objective.png"),
               "final_gap": _plot_gaps(rows, study_dir / "final_gap.png"), **_optuna_plots(study, study_dir)}
     return {"meta": meta, "header": header, "table": table, "rows": rows,
@@ -109,7 +111,7 @@ def _plot_objective(rows, meta, path: Path) -> Path | None:
     ax.set_xticks(range(len(order)), order, rotation=30, ha="right")
     ax.set(title=f"{meta['objective']['metric']} ({meta['objective']['direction']}) per trial", ylabel="objective")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    io.save_figure(fig, path, dpi=90)
     plt.close(fig)
     return path
 
@@ -125,7 +127,7 @@ def _plot_gaps(rows, path: Path) -> Path | None:
     ax.set(title="final gap per round", xlabel="round", ylabel="final loss − round 0's")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    io.save_figure(fig, path, dpi=90)
     plt.close(fig)
     return path
 
@@ -145,7 +147,7 @@ def _optuna_plots(study, study_dir: Path) -> dict[str, Path]:
             fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
             fig.set_size_inches(8, 5)
             fig.tight_layout()
-            fig.savefig(study_dir / f"{name}.png", dpi=80)
+            io.save_figure(fig, study_dir / f"{name}.png", dpi=80)
             plt.close(fig)
             out[name] = study_dir / f"{name}.png"
         except Exception as e:  # noqa: BLE001 — e.g. too few finished trials for importances
