@@ -4,6 +4,8 @@ an explicit deny-list, and what the deny-lists drop truly does not change a roun
 from __future__ import annotations
 
 import copy
+import functools
+import itertools
 from types import SimpleNamespace
 
 import pytest
@@ -22,19 +24,29 @@ COMPANIONS = [[], ["attribution=grad_x_act"], ["model=tiny_moe", "attribution=gr
               ["model.path=/nonexistent"], ["model=tiny_moe"]]
 
 
-def every_option_config():
+@functools.cache
+def every_option_config() -> tuple:
     """One composed config per option of each config group (with the companions it needs)."""
+    out = []
     for group, options in group_options().items():
         for option in options:
-            for extra in COMPANIONS:
+            for extra, prefix in itertools.product(COMPANIONS, ("", "+")):     # `+`: an optional group
                 try:
-                    cfg, _ = compose_config("chain", [f"{group}={option}", *extra])
+                    cfg, _ = compose_config("chain", [f"{prefix}{group}={option}", *extra])
                 except UserError:
                     continue
-                yield f"{group}={option}", OmegaConf.to_container(cfg, resolve=True)
+                out.append((f"{group}={option}", OmegaConf.to_container(cfg, resolve=True)))
                 break
             else:
                 pytest.fail(f"{group}={option} composes with none of the companions {COMPANIONS}")
+    return tuple(out)
+
+
+@pytest.fixture(autouse=True)
+def _package_versions_once(monkeypatch):
+    """round_key looks up package versions on every call; the walk calls it ~10⁴ times."""
+    import crabsweep.loop.cache as cache_module
+    monkeypatch.setattr(cache_module, "version", functools.cache(cache_module.version))
 
 
 def leaves(node, prefix=""):

@@ -33,21 +33,24 @@ def test_two_studies_in_one_sweep_dir_never_mix(tmp_path):
     """A streamed study first, a post-hoc one second: separate trial folders; the shared cache serves the
     post-hoc study the streamed study's round 0, and it computes its own scores on it."""
     root = tmp_path / "sweeps"
-    for name, method in (("streamed", "grad_x_act"), ("posthoc", "integrated_gradients")):
+    for name, method, n in (("streamed", "grad_x_act", 1), ("posthoc", "integrated_gradients", 2)):
         extra = ["attribution.n_steps=4"] if method == "integrated_gradients" else []
-        assert main(["sweep", *FAST, f"sweep.dir={root}", f"sweep.study={name}", "sweep.n_trials=1",
-                     "sweep.params={k.k: [3]}", f"attribution={method}", *extra]) == 0
-    for name, method in (("streamed", "grad_x_act"), ("posthoc", "integrated_gradients")):
-        (trial,) = _trials(root / name)
-        assert trial.state == TrialState.COMPLETE
-        chain = _chain(root / name, trial)
-        assert chain["config"]["attribution"] == method
-        assert [r["recruits"]["method"] for r in chain["rounds"]] == [method, method]
-        assert all(method in r["recruits"]["top"] for r in chain["rounds"])
-    posthoc = read_json(root / "posthoc" / "trial_0" / "round_0" / "record.json")
-    assert posthoc["timing"]["cache"] == "hit"                                   # round 0 came from the other study
+        assert main(["sweep", *FAST, f"sweep.dir={root}", f"sweep.study={name}", f"sweep.n_trials={n}",
+                     "sweep.params={k.k: [3, 4]}", "sweep.sampler.name=grid", f"attribution={method}", *extra]) == 0
+    for name, method, n in (("streamed", "grad_x_act", 1), ("posthoc", "integrated_gradients", 2)):
+        trials = _trials(root / name)
+        assert [t.state for t in trials] == [TrialState.COMPLETE] * n
+        for trial in trials:
+            chain = _chain(root / name, trial)
+            assert chain["config"]["attribution"] == method
+            assert [r["recruits"]["method"] for r in chain["rounds"]] == [method, method]
+            assert all(method in r["recruits"]["top"] for r in chain["rounds"])
     streamed = read_json(root / "streamed" / "trial_0" / "round_0" / "record.json")
-    assert posthoc["metrics"]["final_loss"] == streamed["metrics"]["final_loss"]
+    for trial in ("trial_0", "trial_1"):        # round 0 came from the other study, also after post-hoc scores joined it
+        posthoc = read_json(root / "posthoc" / trial / "round_0" / "record.json")
+        assert posthoc["timing"]["cache"] == "hit"
+        assert posthoc["metrics"]["final_loss"] == streamed["metrics"]["final_loss"]
+    assert not (root / "cache" / ".corrupt").exists()
     assert sorted(p.name for p in root.iterdir()) == ["cache", "posthoc", "streamed"]
 
 

@@ -240,6 +240,7 @@ def test_command_line_beats_sweep_overrides_and_trial_params_beat_both():
     (["sweep.params={chain.control: [every, none]}"], "chain.control=none fails: .*needs the matched random control"),
     (["sweep.params={attribution: [grad_norm, nope]}"], "attribution=nope fails"),
     (["sweep.params={k.k: [4, abc]}"], "k.k=abc fails"),
+    (["sweep.params={trian.lr: [0.001]}"], "trian.lr=0.001 fails: bad config"),
     (["sweep.sampler.name=cmaes"], "cmaes needs a numeric search space"),
     (["sweep.sampler.name=annealing"], "sampler"),
     (["sweep.pruner.name=never"], "pruner"),

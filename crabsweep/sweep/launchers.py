@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -46,6 +47,11 @@ def local(plan, run_worker) -> None:
              for _ in range(int(plan.scfg.workers) - 1)]
     try:
         run_worker(plan)
+    except BaseException:                 # Ctrl-C (or a crash) here: the workers stop too, each failing its trial
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        raise
     finally:
         for p in procs:
             p.wait()

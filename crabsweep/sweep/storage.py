@@ -81,18 +81,25 @@ def worker_env(url: str) -> dict:
     return {**os.environ, ENV: url}
 
 
+_KNOWN: dict[str, str] = {}       # redacted → real URL, for the studies this process recorded
+
+
 def write_record(study_dir: Path, meta: dict) -> None:
-    io.write_json(study_dir / "sweep.json", {**meta, "storage": redact_text(meta["storage"])})
+    shown = redact_text(meta["storage"])
+    _KNOWN[shown] = meta["storage"]
+    io.write_json(study_dir / "sweep.json", {**meta, "storage": shown})
 
 
 def recorded_url(meta: dict, study_dir: Path) -> str:
-    """The storage of a recorded study: its own file (even if the folder moved), or the URL — from
-    `$CRABSWEEP_STORAGE` when the recorded one is redacted."""
+    """The storage of a recorded study: its own file (even if the folder moved), or the URL — when the
+    recorded one is redacted, the one this process recorded or `$CRABSWEEP_STORAGE`."""
     url = meta["storage"]
     for kind, name in _FILES.items():
         if url.startswith(kind) and (study_dir / name).exists():
             return storage_url(kind, study_dir)
     if MASK in url:
+        if url in _KNOWN:
+            return _KNOWN[url]
         env = os.environ.get(ENV)
         if env and redact_text(env) == url:
             return env
