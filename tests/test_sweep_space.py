@@ -260,7 +260,8 @@ def test_bad_sweeps_stop_before_anything_is_written(tmp_path, capsys, monkeypatc
 
 def test_a_resumed_study_keeps_its_metric(tmp_path, capsys):
     (w,) = _workers(tmp_path, 1)
-    w.study.set_metric_names(["specificity"])
+    with pytest.warns(optuna.exceptions.ExperimentalWarning):
+        w.study.set_metric_names(["specificity"])
     code = main(["sweep", *TINY, f"sweep.dir={tmp_path}", f"sweep.study={w.scfg.study}",
                  "sweep.objective.metric=final_gap"])
     assert code == 2 and "optimizes ['specificity']" in capsys.readouterr().err
