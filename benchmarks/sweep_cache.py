@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/sweep_cache.py                # the default sweep (SmolLM2, 6 trials)
     .venv/bin/python benchmarks/sweep_cache.py model=tiny_llama task=tiny   # smoke run
 
-Both sweeps run as fresh `crabsweep sweep` processes into their own study folders with the same
-seeded sampler, so they ask the same trials; the objective values of the two studies must agree
+Both sweeps run as fresh `crabsweep sweep` processes into their own sweep folders (so they share no
+cache) over the same grid; the objective value of every point must agree between the two studies
 (the cache may only save time, never change a result).
 """
 
@@ -19,10 +19,10 @@ from pathlib import Path
 
 
 def sweep(work: Path, name: str, extra: list[str]) -> tuple[float, dict]:
-    study_dir = work / name
+    study_dir = work / name / f"bench-{name}"
     t = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "crabsweep.cli", "sweep", f"sweep.study=bench-{name}",
-                           f"sweep.dir={study_dir}", *extra], capture_output=True, text=True)
+                           f"sweep.dir={work / name}", *extra], capture_output=True, text=True)
     seconds = time.perf_counter() - t
     if proc.returncode != 0:
         sys.exit(proc.stderr[-3000:])
@@ -30,10 +30,9 @@ def sweep(work: Path, name: str, extra: list[str]) -> tuple[float, dict]:
 
 
 def values(study_dir: Path) -> list:
-    import optuna
-    meta = json.loads((study_dir / "sweep.json").read_text())
-    study = optuna.load_study(study_name=meta["study"], storage=meta["storage"])
-    return [(t.params, t.state.name, t.value) for t in study.get_trials()]
+    from crabsweep.sweep.storage import open_recorded_study
+    study = open_recorded_study(study_dir)[1]
+    return sorted((sorted(t.params.items()), t.state.name, t.value) for t in study.get_trials())
 
 
 def main() -> None:
@@ -42,7 +41,7 @@ def main() -> None:
         work = Path(tmp)
         cached, s_cached = sweep(work, "cache", ["sweep.cache=true", *extra])
         plain, s_plain = sweep(work, "nocache", ["sweep.cache=false", *extra])
-        same = values(work / "cache") == values(work / "nocache")
+        same = values(work / "cache" / "bench-cache") == values(work / "nocache" / "bench-nocache")
     print(f"default sweep {' '.join(extra) or '(embedded SmolLM2)'}: {sum(s_cached['states'].values())} trials")
     print(f"without round cache: {plain:7.1f}s")
     print(f"with round cache   : {cached:7.1f}s  ({s_cached['cache']['hits']} hits / {s_cached['cache']['misses']} misses)")

@@ -156,7 +156,7 @@ def cmd_sweep(ctx: Context) -> int:
     from .sweep.study import run_sweep
     cfg = ctx.compose()
     t0 = time.perf_counter()
-    study_dir, summary = run_sweep(cfg, ctx.overrides)
+    study_dir, summary = run_sweep(cfg, ctx.overrides, config_dir=ctx.config_dir)
     if summary is not None:
         console.print_report(study_dir, summary, time.perf_counter() - t0)
     return 0

@@ -42,13 +42,16 @@ def setup_logging(run_dir: Path | None) -> None:
     root = logging.getLogger("crabsweep")
     root.setLevel(logging.INFO)
     root.handlers.clear()
+    from .redact import RedactingFilter
     stream = _TqdmHandler()
     stream.setFormatter(fmt)
+    stream.addFilter(RedactingFilter())
     root.addHandler(stream)
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
         file = logging.FileHandler(run_dir / "crabsweep.log")
         file.setFormatter(fmt)
+        file.addFilter(RedactingFilter())
         root.addHandler(file)
 
 

@@ -42,8 +42,8 @@ def test_load_session_run_round_and_chain_write_reproducible_records(tmp_path):
 
 def test_study_trials_join_optuna_with_per_round_metrics(tmp_path):
     from crabsweep.cli import main
-    study_dir = tmp_path / "study"
-    assert main(["sweep", *TINY[:5], "chain.rounds=1", "sweep.pruner.name=none", f"sweep.dir={study_dir}",
+    study_dir = tmp_path / "api"
+    assert main(["sweep", *TINY[:5], "chain.rounds=1", "sweep.pruner.name=none", f"sweep.dir={tmp_path}",
                  "sweep.study=api", "sweep.n_trials=2", "sweep.sampler.name=bruteforce"]) == 0
     study = cs.Study.load(study_dir)
     trials = study.trials

@@ -29,7 +29,7 @@ from ..errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent          # the package: conf/ and data/ live inside it
 CONF_DIR = ROOT / "conf"
-REPLACE = ("sweep.params",)                             # dict overrides that replace instead of merging
+REPLACE = ("sweep.params", "sweep.submitit.additional")   # dict overrides that replace instead of merging
 
 
 def _one_line(e: Exception) -> str:

@@ -64,8 +64,9 @@ def _sha(path: Path) -> str:
 
 
 def _manifest(folder: Path) -> dict:
+    """Checksums of an entry's files; a round's post-hoc entries (posthoc/) carry manifests of their own."""
     return {str(p.relative_to(folder)): _sha(p) for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != "manifest.json"}
+            if p.is_file() and p.name != "manifest.json" and p.relative_to(folder).parts[0] != "posthoc"}
 
 
 def _load_scores(path: Path) -> dict[str, list[torch.Tensor]]:

@@ -36,17 +36,34 @@ class HeartbeatConfig(_M):
     max_retry: int = Field(ge=0)
 
 
+class SubmititConfig(_M):
+    cluster: Literal["slurm", "local", "debug"]
+    timeout_min: int = Field(ge=1)
+    max_requeues: int = Field(ge=0)
+    cpus_per_task: int = Field(ge=1)
+    mem_gb: float | None = Field(None, gt=0)
+    gpus_per_node: int | None = Field(None, ge=0)
+    partition: str | None = None
+    array_parallelism: int | None = Field(None, ge=1)
+    additional: dict[str, Any] = {}
+    poll_seconds: float = Field(gt=0)
+
+
 class SweepConfig(_M):
     study: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     dir: str | None = None
     n_trials: int = Field(ge=1)
     workers: int = Field(ge=1)
     role: Literal["main", "worker"]
-    storage: str = Field(min_length=1)
+    launcher: str
+    storage: str | None = Field(None, min_length=1)
     cache: bool
+    allow_repeats: bool
+    max_failures: int = Field(ge=1)
     sampler: SamplerConfig
     pruner: PrunerConfig
     objective: ObjectiveConfig
     heartbeat: HeartbeatConfig
     params: dict[str, Any]
     overrides: list[str]
+    submitit: SubmititConfig

@@ -1,351 +1,302 @@
 """`crabsweep sweep`: an Optuna ask/tell loop whose trials are whole Crab Step chains.
 
-Each trial's parameters become Hydra overrides composed into a frozen chain config
-(`multirun/<study>/trial_<n>/`). Every finished round reports the objective metric as an
-intermediate value, so the pruner can stop unpromising chains (recorded PRUNED with their rounds).
-Storages: SQLite under the study folder (default), a journal file, or any RDB URL (PostgreSQL for
-many hosts). Workers — `sweep.workers=N` local processes, or the same command on several hosts —
-share the storage; a lock makes the global trial cap exact, and a heartbeat (one mechanism for all
-storages: Optuna 5's JournalStorage has none of its own) lets live workers fail and re-run the
-trials of dead ones, whose completed rounds then come from the round cache.
+The study folder is `<sweep.dir>/<study>/` (sweep.dir defaults to `multirun`): `sweep.json`, the study's
+config, `study.db` (sqlite storage), the report, and one chain folder per trial, `trial_<n>/`. The round
+cache, `<sweep.dir>/cache/`, is shared by the studies of one sweep.dir.
+
+Everything that can be checked is checked before anything is written: the search space, each param's
+every choice composed once into a trial config, the objective metric and its prerequisites, the storage.
+A trial's config is `sweep.overrides`, then the command line's overrides, then the trial's params (later
+wins). Each finished round reports the objective (the pruner may stop the chain: PRUNED, with its
+completed rounds); the last round's value is the trial's. Workers: sweep/workers.py; how they start:
+sweep/launchers.py; storages and secrets: sweep/storage.py; search space and samplers: sweep/params.py.
 """
 
 from __future__ import annotations
 
-import fcntl
 import logging
-import os
-import socket
-import subprocess
+import math
 import sys
-import threading
 import time
-import zlib
-from contextlib import contextmanager
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
 from omegaconf import OmegaConf
-from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 from .. import io
-from ..loop.cache import RoundCache
-from ..loop.chain import run_chain
-from ..config import compose_config, save_config
-from ..errors import UserError
+from ..config import check_run_dir, compose_config, save_config
 from ..core.session import Session
-from ..registry import Registry
+from ..errors import UserError
+from ..loop.metric_names import ALL_METRICS, CONTROL_METRICS
+from ..redact import redact, redact_text
 from ..track.wandb import make_tracker
+from .params import make_pruner, make_sampler, override, sampler_name, search_space, space_size, trial_cap, values
+from .storage import local_file, make_storage, public_overrides, storage_url, write_record
+from .workers import Heartbeat, Worker, fail_trial, next_trial, register, set_attr, study_attrs
 
 log = logging.getLogger(__name__)
-HOST = socket.gethostname()
 
 
-# --------------------------------------------------------------------------------------------------
-# Study construction
-# --------------------------------------------------------------------------------------------------
-def storage_url(scfg, study_dir: Path) -> str:
-    if scfg.storage == "sqlite":
-        return f"sqlite:///{study_dir.resolve() / 'study.db'}"
-    if scfg.storage == "journal":
-        return f"journal:{study_dir.resolve() / 'journal.log'}"
-    return str(scfg.storage)
+@dataclass
+class SweepPlan:
+    """A validated sweep: what every worker of this invocation works from."""
+    cfg: object
+    study_dir: Path
+    url: str
+    space: dict
+    cap: int
+    rounds: int                       # chain.rounds of a trial (before its params): the pruner's resource
+    public: list[str]                 # the command line's overrides, secrets replaced, sweep.role dropped
+    config_dir: str | None = None
+    slot: str | None = None           # the launcher's id for this worker
+
+    @property
+    def scfg(self):
+        return self.cfg.sweep
 
 
-def make_storage(url: str):
-    if url.startswith("journal:"):
-        from optuna.storages.journal import JournalFileBackend, JournalStorage
-        return JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
-    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+def study_folder(scfg) -> Path:
+    return Path(scfg.dir or "multirun") / scfg.study
+
+
+def compose_trial(plan: SweepPlan, params: dict, run_dir: Path | None = None):
+    """A trial's chain config: sweep.overrides < command line < the trial's params."""
+    extra = [override("hydra.run.dir", str(run_dir))] if run_dir is not None else []
+    tcfg, _ = compose_config("chain", [*plan.scfg.overrides, *plan.public,
+                                       *(override(k, v) for k, v in params.items()), *extra], plan.config_dir)
+    return tcfg
+
+
+def check_objective(tcfg, where: str) -> None:
+    metric = tcfg.sweep.objective.metric
+    if metric in CONTROL_METRICS and tcfg.chain.control == "none":
+        raise UserError(f"sweep.objective.metric={metric} needs the matched random control but {where} has "
+                        "chain.control=none; use chain.control=every|last or another metric")
+
+
+def plan_sweep(cfg, overrides: list[str], config_dir: str | None = None, slot: str | None = None) -> SweepPlan:
+    """Validate the sweep before anything is written (a spawned worker skips what its main checked)."""
+    scfg = cfg.sweep
+    metric = scfg.objective.metric
+    if metric not in ALL_METRICS:
+        raise UserError(f"sweep.objective.metric={metric} is not a per-round metric; use one of "
+                        f"{', '.join(ALL_METRICS)}")
+    study_dir = study_folder(scfg)
+    space = search_space(scfg.params)
+    make_sampler(scfg, space)                                    # a sampler that cannot take this space
+    from .launchers import LAUNCHERS
+    LAUNCHERS.get(scfg.launcher)
+    plan = SweepPlan(cfg, study_dir, storage_url(scfg.storage, study_dir), space, trial_cap(scfg, space), 0,
+                     public_overrides(overrides), config_dir, slot)
+    base = compose_trial(plan, {})
+    plan.rounds = int(base.chain.rounds)
+    make_pruner(scfg.pruner, plan.rounds)
+    if scfg.role == "worker":
+        return plan
+    swept = set(space)
+    for o in plan.public:
+        if o.split("=", 1)[0].lstrip("+~") in swept:
+            log.warning("%s on the command line is a swept param: each trial's value wins", o)
+    check_objective(base, "the sweep's chain config")
+    for key, spec in space.items():
+        for value in values(spec) if spec["type"] == "categorical" else [spec["low"], spec["high"]]:
+            try:
+                check_objective(compose_trial(plan, {key: value}), f"the trial config {key}={value}")
+            except UserError as e:
+                raise UserError(f"sweep.params.{key}: {key}={value} fails: {e}") from None
+    if local_file(plan.url) is None or local_file(plan.url).exists():
+        _check_existing(plan)                                    # without creating a local storage
+    return plan
+
+
+def describe_space(plan: SweepPlan) -> str:
+    dims = " × ".join(f"{k} ({len(values(s)) if values(s) else '∞'})" for k, s in plan.space.items())
+    size = space_size(plan.space)
+    text = f"sampler {sampler_name(plan.scfg, plan.space)} over {dims or 'no params'}"
+    text += f" = {size} points" if size != math.inf else ""
+    if plan.cap < int(plan.scfg.n_trials):
+        text += f"; the study stops after {plan.cap} trials (sweep.allow_repeats=false)"
+    return text
+
+
+def _check_existing(plan: SweepPlan) -> None:
+    """A study resumed under its name must optimize the same metric in the same direction."""
+    scfg = plan.scfg
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
-    except Exception as e:  # noqa: BLE001 — an unreachable or malformed URL is the user's to fix
-        raise UserError(f"cannot open sweep.storage '{url}' ({type(e).__name__}); use sqlite, journal or a "
-                        "reachable RDB URL such as postgresql://user:pass@host/db") from e
-
-
-class GridSampler(optuna.samplers.BruteForceSampler):
-    """BruteForceSampler for ask/tell: its `after_trial` calls `study.stop()` once the grid is exhausted,
-    which Optuna allows only inside `optimize()`; here the sweep's global cap ends the study."""
-
-    def after_trial(self, study, trial, state, values) -> None:
-        pass
-
-
-SAMPLERS = Registry("sampler", key="sweep.sampler.name")
-SAMPLERS.register("tpe")(lambda seed, params: optuna.samplers.TPESampler(seed=seed))
-SAMPLERS.register("random")(lambda seed, params: optuna.samplers.RandomSampler(seed=seed))
-SAMPLERS.register("bruteforce")(lambda seed, params: GridSampler(seed=seed))
-
-
-@SAMPLERS.register("cmaes")
-def _cmaes(seed, params):
-    if any(spec["type"] == "categorical" for spec in params.values()):
-        raise UserError("sweep.sampler=cmaes needs a numeric search space (int/float params only); "
-                        "use tpe, random or bruteforce for categorical params")
-    return optuna.samplers.CmaEsSampler(seed=seed)
-
-
-def make_sampler(scfg, params: dict):
-    return SAMPLERS.get(scfg.sampler.name).obj(scfg.sampler.get("seed", 0), params)
-
-
-PRUNERS = Registry("pruner", key="sweep.pruner.name")
-PRUNERS.register("median")(lambda p, rounds: optuna.pruners.MedianPruner(
-    n_startup_trials=p.get("n_startup_trials", 2), n_warmup_steps=p.get("n_warmup_steps", 1)))
-PRUNERS.register("percentile")(lambda p, rounds: optuna.pruners.PercentilePruner(
-    p.get("percentile", 25.0), n_startup_trials=p.get("n_startup_trials", 2), n_warmup_steps=p.get("n_warmup_steps", 1)))
-PRUNERS.register("hyperband")(lambda p, rounds: optuna.pruners.HyperbandPruner(min_resource=1,
-                                                                                max_resource=max(rounds, 1)))
-PRUNERS.register("threshold")(lambda p, rounds: optuna.pruners.ThresholdPruner(
-    lower=p.get("lower"), upper=p.get("upper"), n_warmup_steps=p.get("n_warmup_steps", 0)))
-PRUNERS.register("none")(lambda p, rounds: optuna.pruners.NopPruner())
-
-
-def make_pruner(pcfg, rounds: int):
-    return PRUNERS.get(pcfg.name).obj(pcfg, rounds)
-
-
-def search_space(scfg) -> dict[str, dict]:
-    """`params` entries: a list (categorical) or {type: categorical|int|float, choices | low, high, log, step}."""
-    space = {}
-    for key, spec in OmegaConf.to_container(scfg.params).items():
-        spec = {"type": "categorical", "choices": spec} if isinstance(spec, list) else dict(spec)
-        if spec.get("type") not in ("categorical", "int", "float"):
-            raise UserError(f"sweep.params.{key}: type must be categorical, int or float")
-        if spec["type"] == "categorical" and not spec.get("choices"):
-            raise UserError(f"sweep.params.{key}: a categorical param needs a non-empty choices list")
-        if spec["type"] != "categorical" and not ("low" in spec and "high" in spec and spec["low"] <= spec["high"]):
-            raise UserError(f"sweep.params.{key}: int/float params need low ≤ high")
-        space[key] = spec
-    return space
-
-
-def suggest(trial, key: str, spec: dict):
-    if spec["type"] == "categorical":
-        return trial.suggest_categorical(key, spec["choices"])
-    if spec["type"] == "int":
-        return trial.suggest_int(key, spec["low"], spec["high"], step=spec.get("step", 1), log=spec.get("log", False))
-    return trial.suggest_float(key, spec["low"], spec["high"], step=spec.get("step"), log=spec.get("log", False))
-
-
-def open_study(cfg, study_dir: Path) -> optuna.Study:
-    scfg = cfg.sweep
-    url = storage_url(scfg, study_dir)
-    study = optuna.create_study(study_name=scfg.study, storage=make_storage(url),
-                                sampler=make_sampler(scfg, search_space(scfg)),
-                                pruner=make_pruner(scfg.pruner, int(cfg.chain.rounds)),
-                                direction=scfg.objective.direction, load_if_exists=True)
-    io.write_json(study_dir / "sweep.json", {"study": scfg.study, "storage": url,
-                                             "objective": OmegaConf.to_container(scfg.objective)})
-    return study
-
-
-# --------------------------------------------------------------------------------------------------
-# Coordination between workers: an exact cap, and re-running the trials of dead workers
-# --------------------------------------------------------------------------------------------------
-@contextmanager
-def study_lock(url: str, study_dir: Path, name: str):
-    """Serialize "count, then ask" across workers: a file lock on one host, an advisory lock in PostgreSQL."""
-    if url.startswith("postgresql"):
-        import sqlalchemy
-        engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
-        key = zlib.crc32(f"crabsweep:{name}".encode())
-        with engine.connect() as conn:
-            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
-            try:
-                yield
-            finally:
-                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-        engine.dispose()
+        study = optuna.load_study(study_name=scfg.study, storage=make_storage(plan.url))
+    except KeyError:
         return
-    study_dir.mkdir(parents=True, exist_ok=True)
-    with open(study_dir / ".ask.lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    if study.metric_names and study.metric_names != [scfg.objective.metric] or \
+            study.direction.name.lower() != scfg.objective.direction:
+        raise UserError(f"study {scfg.study} optimizes {study.metric_names} ({study.direction.name.lower()}); "
+                        f"use another sweep.study for {scfg.objective.metric} ({scfg.objective.direction})")
 
 
-class Heartbeat:
-    """Stamps `heartbeat` (and `worker`) on a running trial every `interval` seconds."""
-
-    def __init__(self, study, trial, interval: float):
-        self.storage, self.trial_id, self.interval = study._storage, trial._trial_id, interval
-        self.stop = threading.Event()
-        self.storage.set_trial_user_attr(self.trial_id, "worker", f"{HOST}:{os.getpid()}")
-        self.beat()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def beat(self):
-        self.storage.set_trial_user_attr(self.trial_id, "heartbeat", time.time())
-
-    def _run(self):
-        while not self.stop.wait(self.interval):
-            try:
-                self.beat()
-            except Exception as e:  # noqa: BLE001 — a missed beat is retried next interval
-                log.debug("heartbeat failed: %s", e)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join()
+def open_study(plan: SweepPlan, seed: int = 0) -> optuna.Study:
+    scfg = plan.scfg
+    return optuna.create_study(study_name=scfg.study, storage=make_storage(plan.url),
+                               sampler=make_sampler(scfg, plan.space, seed),
+                               pruner=make_pruner(scfg.pruner, plan.rounds),
+                               direction=scfg.objective.direction, load_if_exists=True)
 
 
-def _is_stale(trial, grace: float) -> bool:
-    host, _, pid = str(trial.user_attrs.get("worker", "")).partition(":")
-    if host == HOST and pid.isdigit():
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return True                      # its worker on this host is gone
-        except PermissionError:
-            pass
-    beat = trial.user_attrs.get("heartbeat")
-    last = beat if beat is not None else trial.datetime_start.timestamp()
-    return time.time() - last > grace
+def run_sweep(cfg, overrides: list[str], config_dir: str | None = None, slot: str | None = None):
+    """`crabsweep sweep`: the main process validates, records the study, starts `sweep.workers` workers with
+    the configured launcher and writes the summary; a worker (`sweep.role=worker`) only works.
+    Returns the study folder and the summary (main only)."""
+    from ..console import setup_logging
+    from .launchers import launch
+    sys.argv[1:] = [redact_text(a) for a in sys.argv[1:]]     # libraries that record argv (W&B) see no secret
+    setup_logging(None)
+    plan = plan_sweep(cfg, overrides, config_dir, slot)
+    if cfg.sweep.role == "worker":
+        setup_logging(plan.study_dir)
+        run_worker(plan)
+        return plan.study_dir, None
+    t0 = time.perf_counter()
+    created = not plan.study_dir.exists()
+    try:
+        plan.study_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the study folder {plan.study_dir} ({e.strerror}); set sweep.dir") from e
+    setup_logging(plan.study_dir)
+    save_config(cfg, overrides, plan.study_dir)
+    study = open_study(plan)
+    _describe(study, plan, overrides)
+    start = len(study.get_trials(deepcopy=False))
+    log.info("%s study %s in %s; %s", "new" if created else "resuming", cfg.sweep.study, plan.study_dir,
+             describe_space(plan))
+    launch(plan, run_worker)
+    stopped = study_attrs(study).get("stopped")
+    reason = stopped["reason"] if stopped and int(stopped["at"]) > start else None
+    summary = summarize(plan, time.perf_counter() - t0, reason)
+    if reason:
+        raise UserError(f"sweep stopped: {reason}; fix the cause and run the same command to continue the study")
+    return plan.study_dir, summary
 
 
-def fail_stale_trials(study, grace: float, max_retry: int) -> list[int]:
-    """Fail RUNNING trials of dead workers and enqueue a retry of each (same params)."""
-    retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
-    failed = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if _is_stale(t, grace):
-            try:
-                study._storage.set_trial_system_attr(t._trial_id, "fail_reason", "worker died (stale heartbeat)")
-                study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
-            except optuna.exceptions.UpdateFinishedTrialError:
-                continue
-            log.warning("trial %d: its worker died; failed it and queued a re-run", t.number)
-            retry(study, study._storage.get_trial(t._trial_id))
-            failed.append(t.number)
-    return failed
-
-
-def next_trial(study, url: str, study_dir: Path, scfg):
-    """Under the lock: 'done' (cap reached), None (wait for running trials), or a new/retried trial."""
-    with study_lock(url, study_dir, scfg.study):
-        fail_stale_trials(study, float(scfg.heartbeat.grace), int(scfg.heartbeat.max_retry))
-        count = {s: 0 for s in TrialState}
-        for t in study.get_trials(deepcopy=False):
-            count[t.state] += 1
-        done = count[TrialState.COMPLETE] + count[TrialState.PRUNED]
-        if done >= int(scfg.n_trials):
-            return "done"
-        if count[TrialState.WAITING] or done + count[TrialState.RUNNING] < int(scfg.n_trials):
-            return study.ask()
-        return None
+def _describe(study, plan: SweepPlan, overrides: list[str]) -> None:
+    """sweep.json, and the study's metadata for Optuna's tools (metric name, redacted config, overrides)."""
+    scfg = plan.scfg
+    write_record(plan.study_dir, {"study": scfg.study, "storage": plan.url,
+                                  "objective": OmegaConf.to_container(scfg.objective)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([scfg.objective.metric])
+    study.set_user_attr("config", redact(OmegaConf.to_container(plan.cfg, resolve=True)))
+    study.set_user_attr("overrides", [redact_text(o) for o in overrides])
 
 
 # --------------------------------------------------------------------------------------------------
-# Trials
+# A worker: ask, run the chain, tell — until the cap, a stop, or the end of the space
 # --------------------------------------------------------------------------------------------------
-def run_worker(cfg, base_overrides: list[str], study_dir: Path) -> None:
-    scfg = cfg.sweep
-    study = open_study(cfg, study_dir)
-    url = storage_url(scfg, study_dir)
-    space = search_space(scfg)
-    cache = RoundCache(study_dir / "cache") if scfg.cache else None
+def run_worker(plan: SweepPlan) -> tuple[str, str]:
+    from ..loop.cache import RoundCache
+    scfg = plan.scfg
+    study = open_study(plan)
+    worker = Worker(study, plan.url, plan.study_dir, scfg, plan.space, plan.cap, plan.slot)
+    study.sampler = make_sampler(scfg, plan.space, register(worker))
+    cache = RoundCache(plan.study_dir.parent / "cache") if scfg.cache else None
     sessions: dict[str, Session] = {}
-    bar = tqdm(total=int(scfg.n_trials), desc="trials", disable=None)
+    bar = tqdm(total=plan.cap, desc="trials", disable=None)
     while True:
         finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.get_trials(deepcopy=False))
         bar.update(min(finished, bar.total) - bar.n)       # counts every worker's trials
-        trial = next_trial(study, url, study_dir, scfg)
-        if trial == "done":
-            bar.close()
-            return
-        if trial is None:
+        nxt = next_trial(worker)
+        if nxt is None:
             time.sleep(float(scfg.heartbeat.interval) / 2)
             continue
-        run_trial(study, trial, cfg, base_overrides, study_dir, space, cache, sessions)
+        if nxt[0] in ("done", "stopped"):
+            bar.close()
+            (log.error if nxt[0] == "stopped" else log.info)("worker %s: %s", worker.name, nxt[1])
+            return nxt
+        run_trial(worker, plan, *nxt, cache=cache, sessions=sessions)
 
 
-def trial_overrides(trial, space: dict) -> tuple[dict, list[str]]:
-    params = {key: suggest(trial, key, spec) for key, spec in space.items()}
-    return params, [f"{key}={value}" for key, value in params.items()]
-
-
-def run_trial(study, trial, cfg, base_overrides, study_dir, space, cache, sessions) -> None:
-    scfg = cfg.sweep
-    params, overrides = trial_overrides(trial, space)
-    run_dir = study_dir / f"trial_{trial.number}"
-    metric = scfg.objective.metric
-    log.info("trial %d: %s", trial.number, " ".join(overrides))
+def run_trial(worker: Worker, plan: SweepPlan, trial, params: dict, cache, sessions: dict) -> None:
+    scfg, study = plan.scfg, worker.study
+    run_dir = plan.study_dir / f"trial_{trial.number}"
+    set_attr(study, trial._trial_id, "run_dir", run_dir.name)            # relative to the study folder
+    log.info("trial %d: %s", trial.number, " ".join(override(k, v) for k, v in params.items()))
+    tracker, max_retry = None, int(scfg.heartbeat.max_retry)
     try:
-        tcfg, _ = compose_config("chain", [*base_overrides, *scfg.overrides, *overrides,
-                                           f"hydra.run.dir={run_dir}"])
-    except UserError as e:
-        study.tell(trial, state=TrialState.FAIL)
-        log.error("trial %d: %s", trial.number, e)
+        with Heartbeat(worker, trial, float(scfg.heartbeat.interval)):
+            tcfg = compose_trial(plan, params, run_dir)
+            check_run_dir(tcfg, run_dir)
+            with io.owned_run_dir(run_dir):
+                save_config(tcfg, [*scfg.overrides, *plan.public, *(override(k, v) for k, v in params.items())],
+                            run_dir)
+                tracker = make_tracker(tcfg, name=f"{scfg.study}-trial{trial.number}", group=scfg.study,
+                                       job_type="chain", directory=Path(tcfg.tracker.dir or plan.study_dir),
+                                       config={**redact(OmegaConf.to_container(tcfg)), "trial": trial.number,
+                                               "trial_params": params}, adapters_from=run_dir)
+                hits0, misses0 = (cache.hits, cache.misses) if cache else (0, 0)
+                chain = _run_chain(_session_for(tcfg, sessions), run_dir, cache, tracker, trial, tcfg)
+    except KeyboardInterrupt:
+        _abandon(study, trial, tracker, "interrupted", "interrupted", max_retry)
+        raise
+    except SystemExit as e:           # submitit's requeue on preemption or timeout exits the process
+        _abandon(study, trial, tracker, f"preempted (exit {e.code}); its worker is requeued", "preempted", max_retry)
+        raise
+    except Exception as e:  # noqa: BLE001 — one failed chain must not stop the sweep
+        if type(e).__module__.startswith("submitit"):    # the job ends without a requeue (e.g. timed out)
+            _abandon(study, trial, tracker, f"stopped by submitit: {e}", "preempted", max_retry)
+            raise
+        reason = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+        (log.error if isinstance(e, UserError) else log.exception)("trial %d failed: %s", trial.number, reason)
+        _abandon(study, trial, tracker, reason, "error", None)
         return
-    save_config(tcfg, [*scfg.overrides, *overrides], run_dir)
-    trial.set_user_attr("run_dir", str(run_dir))
-    reported: dict[int, float] = {}
+    if cache is not None:
+        set_attr(study, trial._trial_id, "cache_hits", cache.hits - hits0)
+        set_attr(study, trial._trial_id, "cache_misses", cache.misses - misses0)
+    trial.set_user_attr("trajectory", chain["trajectory"]["class"])
+    trial.set_user_attr("rounds_completed", len(chain["rounds"]))
+    last = chain["rounds"][-1]
+    value = last["metrics"].get(scfg.objective.metric)
+    if chain["stopped"] and chain["stopped"].startswith("pruned"):
+        study.tell(trial, state=TrialState.PRUNED)
+    elif not _finite(value):
+        reason = f"objective {scfg.objective.metric} is {value} in round {last['round']}"
+        log.error("trial %d failed: %s", trial.number, reason)
+        fail_trial(study, trial, reason, "error")
+    else:
+        study.tell(trial, float(value))
+
+
+def _run_chain(session, run_dir: Path, cache, tracker, trial, tcfg) -> dict:
+    from ..loop.chain import run_chain
+    scfg = tcfg.sweep
 
     def on_round(rec: dict) -> str | None:
-        value = rec["metrics"].get(metric)
-        if value is None:
+        value = rec["metrics"].get(scfg.objective.metric)
+        if not _finite(value):
             return None
-        reported[rec["round"]] = value
-        trial.report(value, step=rec["round"])
+        trial.report(float(value), step=rec["round"])
         if rec["round"] < int(tcfg.chain.rounds) and trial.should_prune():   # a finished chain is never "pruned"
             return f"pruned by the {scfg.pruner.name} pruner after round {rec['round']}"
         return None
 
-    tracker = make_tracker(tcfg, name=f"{scfg.study}-trial{trial.number}", group=scfg.study, job_type="chain",
-                           config={**OmegaConf.to_container(tcfg), "trial": trial.number, "trial_params": params},
-                           directory=Path(tcfg.tracker.dir or study_dir), adapters_from=run_dir)
-    try:
-        with Heartbeat(study, trial, float(scfg.heartbeat.interval)):
-            session = _session_for(tcfg, sessions)
-            hits0, misses0 = (cache.hits, cache.misses) if cache else (0, 0)
-            chain = run_chain(session, run_dir, cache=cache, tracker=tracker, on_round=on_round)
-    except Exception as e:  # noqa: BLE001 — one failed chain must not stop the sweep
-        log.exception("trial %d failed: %s", trial.number, e)
-        tracker.finish(None, state="failed")
-        study.tell(trial, state=TrialState.FAIL)
-        return
-    if cache is not None:
-        trial.set_user_attr("cache_hits", cache.hits - hits0)
-        trial.set_user_attr("cache_misses", cache.misses - misses0)
-    trial.set_user_attr("trajectory", chain["trajectory"]["class"])
-    trial.set_user_attr("rounds_completed", len(chain["rounds"]))
-    if chain["stopped"] and chain["stopped"].startswith("pruned"):
-        study.tell(trial, state=TrialState.PRUNED)
-    elif reported:
-        study.tell(trial, reported[max(reported)])
-    else:
-        log.error("trial %d: no round produced metric '%s'", trial.number, metric)
-        study.tell(trial, state=TrialState.FAIL)
+    return run_chain(session, run_dir, cache=cache, tracker=tracker, on_round=on_round)
 
 
-def run_sweep(cfg, overrides: list[str]) -> tuple[Path, dict | None]:
-    """`crabsweep sweep`: the main process spawns `sweep.workers - 1` local workers and works itself;
-    a worker (`sweep.role=worker`) only works. Returns the study folder and the summary (main only)."""
-    from ..console import setup_logging
-    study_dir = Path(cfg.sweep.dir or f"multirun/{cfg.sweep.study}")
-    setup_logging(study_dir)
-    t0 = time.perf_counter()
-    if cfg.sweep.role == "worker":
-        run_worker(cfg, overrides, study_dir)
-        return study_dir, None
-    save_config(cfg, overrides, study_dir)
-    workers = spawn_workers(int(cfg.sweep.workers) - 1, overrides)
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _abandon(study, trial, tracker, reason: str, kind: str, max_retry: int | None) -> None:
+    """Fail a trial that did not finish (and queue its re-run when it was interrupted, not broken)."""
     try:
-        run_worker(cfg, overrides, study_dir)
-    finally:
-        for w in workers:
-            w.wait()
-    return study_dir, summarize(cfg, study_dir, time.perf_counter() - t0)
+        if tracker is not None:
+            tracker.finish(None, state="failed")
+        fail_trial(study, trial, redact_text(reason), kind, max_retry)
+        if kind != "error":
+            log.warning("trial %d: FAIL (%s)", trial.number, reason)
+    except Exception as e:  # noqa: BLE001 — the storage may be what broke; stale detection covers it
+        log.error("trial %d: could not record its failure (%s)", trial.number, e)
 
 
 def _session_for(cfg, sessions: dict[str, Session]) -> Session:
@@ -359,15 +310,14 @@ def _session_for(cfg, sessions: dict[str, Session]) -> Session:
     return session
 
 
-def spawn_workers(n: int, argv_overrides: list[str]) -> list[subprocess.Popen]:
-    cmd = [sys.executable, "-m", "crabsweep.cli", "sweep", *argv_overrides, "sweep.workers=1", "sweep.role=worker"]
-    return [subprocess.Popen(cmd) for _ in range(n)]
-
-
-def summarize(cfg, study_dir: Path, seconds: float) -> dict:
-    """summary.json + a W&B summary run (best trial, state counts, cache hits, Optuna plots)."""
+# --------------------------------------------------------------------------------------------------
+# Summary
+# --------------------------------------------------------------------------------------------------
+def summarize(plan: SweepPlan, seconds: float, stopped: str | None = None) -> dict:
+    """summary.json, the report, and a W&B summary run (best trial, state counts, cache hits, plots)."""
     from ..track.report import write_report
-    study = open_study(cfg, study_dir)
+    cfg, study_dir = plan.cfg, plan.study_dir
+    study = open_study(plan)
     trials = study.get_trials(deepcopy=False)
     states: dict[str, int] = {}
     for t in trials:
@@ -375,17 +325,18 @@ def summarize(cfg, study_dir: Path, seconds: float) -> dict:
     completed = [t for t in trials if t.state == TrialState.COMPLETE]
     best = study.best_trial if completed else None
     summary = {
-        "study": cfg.sweep.study, "states": states, "seconds": seconds,
+        "study": cfg.sweep.study, "states": states, "seconds": seconds, "stopped": stopped,
         "best_trial": {"number": best.number, "value": best.value, "params": best.params} if best else None,
-        "cache": {"hits": sum(t.user_attrs.get("cache_hits", 0) for t in trials),
-                  "misses": sum(t.user_attrs.get("cache_misses", 0) for t in trials)},
+        "cache": {"hits": sum(t.system_attrs.get("cache_hits", 0) for t in trials),
+                  "misses": sum(t.system_attrs.get("cache_misses", 0) for t in trials)},
     }
     io.write_json(study_dir / "summary.json", summary)
     log.info("study %s: %s; round cache %d hits / %d misses", cfg.sweep.study, states,
              summary["cache"]["hits"], summary["cache"]["misses"])
     report = write_report(study_dir)
     tracker = make_tracker(cfg, name=f"{cfg.sweep.study}-summary", group=cfg.sweep.study, job_type="summary",
-                           config=OmegaConf.to_container(cfg.sweep), directory=Path(cfg.tracker.dir or study_dir))
+                           config=redact(OmegaConf.to_container(cfg.sweep)),
+                           directory=Path(cfg.tracker.dir or study_dir))
     if hasattr(tracker, "log_summary"):
         flat = {"best_value": best.value if best else None, "best_trial": best.number if best else None,
                 "cache_hits": summary["cache"]["hits"], "cache_misses": summary["cache"]["misses"],

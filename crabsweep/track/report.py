@@ -21,24 +21,19 @@ import optuna  # noqa: E402
 
 from .. import io  # noqa: E402
 from ..loop.chain import completed_rounds  # noqa: E402
-from ..errors import UserError  # noqa: E402
 
 log = logging.getLogger(__name__)
 ROUND_METRICS = ("final_gap", "specificity", "damage", "collateral", "heldout_loss", "top1_score")
 
 
 def load(study_dir: str | Path) -> tuple[dict, optuna.Study]:
-    study_dir = Path(study_dir)
-    if not (study_dir / "sweep.json").exists():
-        raise UserError(f"{study_dir} holds no sweep.json; pass the folder of a `crabsweep sweep` study")
-    meta = io.read_json(study_dir / "sweep.json")
-    from ..sweep.study import make_storage
-    return meta, optuna.load_study(study_name=meta["study"], storage=make_storage(meta["storage"]))
+    from ..sweep.storage import open_recorded_study
+    return open_recorded_study(study_dir)
 
 
 def run_dir_of(trial, study_dir: Path | None = None) -> Path | None:
     """A trial's chain folder (recorded relative to the study folder; absolute in older studies)."""
-    rel = trial.user_attrs.get("run_dir")
+    rel = trial.system_attrs.get("run_dir", trial.user_attrs.get("run_dir"))
     if not rel:
         return None
     path = Path(rel)
@@ -49,21 +44,26 @@ def trial_rows(study: optuna.Study, study_dir: Path | None = None) -> list[dict]
     rows = []
     for t in study.get_trials(deepcopy=False):
         run_dir = run_dir_of(t, study_dir) or Path("")
-        rounds = completed_rounds(run_dir) if t.user_attrs.get("run_dir") else []
+        rounds = completed_rounds(run_dir) if run_dir_of(t) else []
         chain = io.read_json(run_dir / "chain.json") if (run_dir / "chain.json").exists() else {}
         rows.append({
             "trial": t.number, "state": t.state.name, "value": t.value, "params": dict(t.params),
             "trajectory": chain.get("trajectory", {}).get("class", t.user_attrs.get("trajectory")),
             "rounds": [{k: rec["metrics"].get(k) for k in ROUND_METRICS} for rec in rounds],
             "retry_of": t.system_attrs.get("failed_trial"),
-            "cache_hits": t.user_attrs.get("cache_hits"), "cache_misses": t.user_attrs.get("cache_misses"),
+            "cache_hits": t.system_attrs.get("cache_hits", t.user_attrs.get("cache_hits")),
+            "cache_misses": t.system_attrs.get("cache_misses", t.user_attrs.get("cache_misses")),
         })
     return rows
 
 
 def dashboard_command(meta: dict) -> str:
+    from ..redact import MASK
+    from ..sweep.storage import ENV
     storage = meta["storage"]
     target = storage.removeprefix("journal:") if storage.startswith("journal:") else storage
+    if MASK in target:
+        target = f'"${ENV}"   # {target}'                 # the password is never written
     return f"pip install optuna-dashboard && optuna-dashboard {target}"
 
 
