@@ -301,9 +301,10 @@ def run_trial(study, trial, cfg, base_overrides, study_dir, space, cache, sessio
             return f"pruned by the {scfg.pruner.name} pruner after round {rec['round']}"
         return None
 
+    from ..api import chain_config
     tracker = make_tracker(tcfg, name=f"{scfg.study}-trial{trial.number}", group=scfg.study, job_type="chain",
-                           config={**OmegaConf.to_container(tcfg), "trial": trial.number, "trial_params": params},
-                           directory=Path(tcfg.tracker.dir or study_dir), adapters_from=run_dir)
+                           config={**chain_config(tcfg), "trial": trial.number, "trial_params": params},
+                           directory=Path(tcfg.tracker.dir or study_dir), adapters_from=run_dir, run_dir=run_dir)
     try:
         with Heartbeat(study, trial, float(scfg.heartbeat.interval)):
             session = _session_for(tcfg, sessions)
@@ -385,7 +386,8 @@ def summarize(cfg, study_dir: Path, seconds: float) -> dict:
              summary["cache"]["hits"], summary["cache"]["misses"])
     report = write_report(study_dir)
     tracker = make_tracker(cfg, name=f"{cfg.sweep.study}-summary", group=cfg.sweep.study, job_type="summary",
-                           config=OmegaConf.to_container(cfg.sweep), directory=Path(cfg.tracker.dir or study_dir))
+                           config=OmegaConf.to_container(cfg.sweep), directory=Path(cfg.tracker.dir or study_dir),
+                           run_dir=study_dir)
     if hasattr(tracker, "log_summary"):
         flat = {"best_value": best.value if best else None, "best_trial": best.number if best else None,
                 "cache_hits": summary["cache"]["hits"], "cache_misses": summary["cache"]["misses"],
