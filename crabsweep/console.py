@@ -202,7 +202,7 @@ def print_show(directory: Path) -> None:
 def frame_table(frame, title: str) -> Table:
     table = Table(title=title)
     for c in frame.columns:
-        table.add_column(str(c), justify="right")
+        table.add_column(str(c), justify="right", overflow="fold")
     for row in frame.astype(object).itertuples(index=False):
         table.add_row(*(_cell(None if _isna(v) else v) for v in row))
     return table

@@ -124,7 +124,9 @@ def study_chains(study_dir: Path) -> tuple[str, dict[str, dict]]:
     from .report import load, run_dir_of
     meta, study = load(study_dir)
     found: dict[str, dict] = {}
-    for t in study.get_trials(deepcopy=False):
+    trials = sorted(study.get_trials(deepcopy=False), key=lambda t: tuple(repr(v) if not isinstance(v, (int, float))
+                                                                        else v for _, v in sorted(t.params.items())))
+    for t in trials:
         run = run_dir_of(t, study_dir)
         if run is None or not (run / "chain.json").exists():
             continue

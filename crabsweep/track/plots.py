@@ -18,11 +18,23 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 log = logging.getLogger(__name__)
-MIN_TRIALS_FOR_IMPORTANCE = 4       # completed trials before parameter importances mean anything
+MIN_TRIALS_FOR_IMPORTANCE = 5       # completed trials before parameter importances mean anything
 
 
-def _integer(axis) -> None:
-    axis.set_major_locator(MaxNLocator(integer=True))
+def _integer_x(ax, values=None) -> None:
+    """Integer ticks on the x axis; exactly `values`' range (e.g. the rounds drawn) when there are few."""
+    values = sorted({int(v) for v in values or []})
+    if values and values[-1] - values[0] <= 12:
+        ax.set_xticks(range(values[0], values[-1] + 1))
+        ax.set_xlim(values[0] - 0.5, values[-1] + 0.5)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _figure(*args, **kwargs):
+    """A new figure in matplotlib's default style (Optuna's plots switch the global style to ggplot)."""
+    with plt.style.context("default"):
+        return plt.subplots(*args, **kwargs)
 
 
 def _save(fig, path: Path, dpi: int = 90) -> Path:
@@ -35,12 +47,12 @@ def _save(fig, path: Path, dpi: int = 90) -> Path:
 def plot_chain(chain: dict, rounds: list[dict], sizes: list[int], path: str | Path) -> None:
     """`rounds`: the full round records (with loss curves). The title names the run folder."""
     path = Path(path)
-    fig, ax = plt.subplots(2, 2, figsize=(12, 8))
+    fig, ax = _figure(2, 2, figsize=(12, 8))
     for rec in rounds:
         ax[0, 0].plot(range(len(rec["loss_curve"])), [p["loss"] for p in rec["loss_curve"]],
                       label=f"round {rec['round']}")
     ax[0, 0].set(title="training loss per step", xlabel="training step (within the round)", ylabel="loss (nats)")
-    _integer(ax[0, 0].xaxis)
+    _integer_x(ax[0, 0])
     ax[0, 0].legend(fontsize=8)
 
     heat = np.zeros((len(rounds), max(len(sizes), 1)))
@@ -52,15 +64,15 @@ def plot_chain(chain: dict, rounds: list[dict], sizes: list[int], path: str | Pa
     im = ax[0, 1].imshow(heat, aspect="auto", cmap="viridis", interpolation="nearest")
     ax[0, 1].set(title="selected units per layer", xlabel="layer", ylabel="round")
     ax[0, 1].set_yticks(range(len(rounds)), [str(rec["round"]) for rec in rounds])
-    _integer(ax[0, 1].xaxis)
-    fig.colorbar(im, ax=ax[0, 1], label="units selected")
+    _integer_x(ax[0, 1])
+    fig.colorbar(im, ax=ax[0, 1], label="units selected", ticks=MaxNLocator(integer=True))
 
     idx = [rec["round"] for rec in rounds]
     top1 = [rec["metrics"].get("top1_score") for rec in rounds]
     ax[1, 0].plot(idx, [np.nan if v is None else v for v in top1], "o-")
     ax[1, 0].set(title=f"top-1 recruit score ({chain['config']['attribution']})", xlabel="round",
                  ylabel="attribution score")
-    _integer(ax[1, 0].xaxis)
+    _integer_x(ax[1, 0], idx)
 
     def series(key):
         return [np.nan if rec["metrics"].get(key) is None else rec["metrics"][key] for rec in rounds]
@@ -70,10 +82,11 @@ def plot_chain(chain: dict, rounds: list[dict], sizes: list[int], path: str | Pa
     ax[1, 1].plot(idx, series("damage"), "^:", label="damage (mask, no adapter)")
     ax[1, 1].axhline(0, color="grey", lw=0.5)
     ax[1, 1].set(title="cost of suppression", xlabel="round", ylabel="Δ loss vs round 0 / base (nats)")
-    _integer(ax[1, 1].xaxis)
+    _integer_x(ax[1, 1], idx)
     ax[1, 1].legend(fontsize=8)
-    group = chain["config"].get("group")
-    name = f"{group}/{path.parent.name}" if group else path.parent.name
+    run = path.parent
+    study = run.parent.name if (run.parent / "sweep.json").exists() else chain["config"].get("group")
+    name = f"{study}/{run.name}" if study else run.name
     fig.suptitle(f"chain {name} — trajectory: {chain['trajectory']['class']}")
     _save(fig, path)
 
@@ -87,7 +100,7 @@ def plot_objective(rows: list[dict], meta: dict, path: Path) -> Path | None:
     by = [k for k in ("attribution", "k.k") if k in keys] or keys
     labels = [", ".join(f"{k}={r['params'].get(k)}" for k in by) or "(no params)" for r in done]
     order = sorted(set(labels))
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(order) + 3), 4.5))
+    fig, ax = _figure(figsize=(max(6, 0.9 * len(order) + 3), 4.5))
     ax.scatter([order.index(lbl) for lbl in labels], [r["value"] for r in done], zorder=3)
     for r, lbl in zip(done, labels):
         ax.annotate(f"t{r['trial']}", (order.index(lbl), r["value"]), textcoords="offset points", xytext=(5, 2),
@@ -106,27 +119,29 @@ def plot_metric_per_round(rows: list[dict], metric: str, study: str, path: Path)
     lines = [(r, v) for r, v in lines if any(x is not None for x in v)]
     if not lines:
         return None
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    fig, ax = _figure(figsize=(10, 4.5))
     for r, v in lines:
         params = ", ".join(f"{k}={p}" for k, p in sorted(r["params"].items()))
         ax.plot(range(len(v)), [np.nan if x is None else x for x in v], "o-",
                 label=f"t{r['trial']} {params} ({r['state'].lower()})")
     ax.axhline(0, color="grey", lw=0.5)
     ax.set(title=f"study {study}: {metric} per round", xlabel="round", ylabel=metric)
-    _integer(ax.xaxis)
-    ax.legend(fontsize=7)
+    _integer_x(ax, range(max(len(v) for _, v in lines)))
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), title="trial", title_fontsize=7)
     return _save(fig, path)
 
 
 def varied_params(study) -> list[str]:
-    """Parameters that took at least two values across the completed trials."""
+    """Parameters that took at least two values, each in at least two completed trials."""
+    from collections import Counter
+
     from optuna.trial import TrialState
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    values: dict[str, set] = {}
+    values: dict[str, Counter] = {}
     for t in done:
         for k, v in t.params.items():
-            values.setdefault(k, set()).add(repr(v))
-    return sorted(k for k, v in values.items() if len(v) >= 2)
+            values.setdefault(k, Counter())[repr(v)] += 1
+    return sorted(k for k, c in values.items() if sum(n >= 2 for n in c.values()) >= 2)
 
 
 def importance_params(study) -> tuple[list[str], str | None]:
@@ -137,7 +152,7 @@ def importance_params(study) -> tuple[list[str], str | None]:
     if n < MIN_TRIALS_FOR_IMPORTANCE:
         return [], f"only {n} completed trial(s); importances need {MIN_TRIALS_FOR_IMPORTANCE}"
     if not varied:
-        return [], "no parameter took two values across the completed trials"
+        return [], "no parameter took two values, each in two or more completed trials"
     return varied, None
 
 
@@ -147,6 +162,10 @@ def _rename(fig, old: str, new: str) -> None:
         for get, put in ((a.get_xlabel, a.set_xlabel), (a.get_ylabel, a.set_ylabel)):
             if get() == old:
                 put(new)
+        legend = a.get_legend()
+        for t in legend.get_texts() if legend else []:
+            if t.get_text() == old:
+                t.set_text(new)
         ticks = a.get_xticklabels()
         if any(t.get_text() == old for t in ticks):
             a.set_xticks(a.get_xticks(), [new if t.get_text() == old else t.get_text() for t in ticks])
@@ -179,7 +198,8 @@ def optuna_pngs(study, meta: dict, study_dir: Path) -> dict[str, Path]:
         if ylabel:
             ax.set_ylabel(ylabel)
         if name == "intermediate_values":
-            _integer(ax.xaxis)
+            _integer_x(ax, [s for t in study.get_trials(deepcopy=False) for s in t.intermediate_values])
+        ax.set_title("", loc="left")
         ax.set_title(f"study {meta['study']}: {name.replace('_', ' ')} ({metric})")
         fig = ax.figure
         _rename(fig, "Objective Value", metric)

@@ -105,11 +105,13 @@ def display_frame(frame: pd.DataFrame, meta: dict) -> pd.DataFrame:
     """The columns a person reads first: trial, state, value, params, trajectory, the objective per round."""
     metric = meta["objective"]["metric"]
     per_round = [c for c in frame.columns if c.startswith("r") and c.endswith(f".{metric}")]
-    if metric != "final_gap":
-        per_round += [c for c in frame.columns if c.startswith("r") and c.endswith(".final_gap")]
     keep = ["trial", "state", "value", *[c for c in frame.columns if c.startswith("params.")], "trajectory",
-            *per_round, "cache_hits", "cache_misses"]
-    return frame[[c for c in keep if c in frame.columns]].rename(columns=lambda c: c.removeprefix("params."))
+            *per_round]
+    shown = frame[[c for c in keep if c in frame.columns]].rename(columns=lambda c: c.removeprefix("params."))
+    if "cache_hits" in frame and frame["cache_hits"].notna().any():
+        shown = shown.assign(**{"cache hit/miss": [f"{h}/{m}" if not pd.isna(h) else ""
+                                                   for h, m in zip(frame["cache_hits"], frame["cache_misses"])]})
+    return shown
 
 
 def dashboard_command(meta: dict) -> str:
@@ -177,7 +179,8 @@ def _plotly(study, meta: dict) -> list[tuple[str, str]]:
             ("parallel coordinate", lambda: ov.plot_parallel_coordinate(study, target_name=metric), None)]
     if params:
         figs.append(("parameter importances", lambda: ov.plot_param_importances(study, params=params,
-                                                                                 target_name=metric), None))
+                                                                                 target_name=metric),
+                     (f"importance for {metric}", "parameter")))
     out, first = [], True
     for title, make, axes in figs:
         try:
@@ -187,7 +190,7 @@ def _plotly(study, meta: dict) -> list[tuple[str, str]]:
             continue
         fig.update_layout(title=f"{meta['study']}: {title}", height=420)
         if axes:
-            fig.update_xaxes(title_text=axes[0], dtick=1)
+            fig.update_xaxes(title_text=axes[0], **({"dtick": 1} if axes[0] == "round" else {}))
             fig.update_yaxes(title_text=axes[1])
         out.append((title, fig.to_html(full_html=False, include_plotlyjs=True if first else False)))
         first = False
