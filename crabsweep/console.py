@@ -71,7 +71,9 @@ def setup_logging(run_dir: Path | None) -> None:
 
 
 def _console(width: int = 150) -> Console:
-    return Console(width=max(Console().width, width))
+    """The terminal's width on a terminal (rich fits tables to it); at least `width` when piped to a file."""
+    plain = Console()
+    return plain if plain.is_terminal else Console(width=max(plain.width, width))
 
 
 def _fmt(x, digits: int = 4) -> str:
@@ -234,15 +236,18 @@ def print_compare(comp) -> None:
 
 def print_report(study_dir: Path, summary: dict | None, seconds: float | None = None) -> None:
     from .track.report import dashboard_command, write_report
-    rep = write_report(study_dir)
+    rep = write_report(study_dir, write=summary is None)     # after a sweep, its summary just wrote it
     console = _console()
     meta = rep["meta"]
     console.print(frame_table(rep["display"], f"study {meta['study']} — value = last round's "
                                               f"{meta['objective']['metric']} ({meta['objective']['direction']})"))
     if summary is not None:
-        console.print(f"best trial: {summary['best_trial']}; states: {summary['states']}; round cache: "
-                      f"{summary['cache']['hits']} hits / {summary['cache']['misses']} misses; "
-                      f"{summary['seconds']:.0f}s", markup=False, highlight=False)
+        best = summary["best_trial"]
+        best = (f"best trial {best['number']}: {meta['objective']['metric']} {best['value']:.4g} ("
+                + ", ".join(f"{k}={v}" for k, v in best["params"].items()) + ")") if best else "no completed trial"
+        states = ", ".join(f"{n} {k.lower()}" for k, n in summary["states"].items())
+        console.print(f"{best}; trials: {states}; round cache: {summary['cache']['hits']} hits / "
+                      f"{summary['cache']['misses']} misses; {summary['seconds']:.0f}s", markup=False, highlight=False)
     console.print(f"report: {', '.join(str(p) for p in rep['files'])}; plots: "
                   f"{', '.join(p.name for p in rep['images'].values())}", markup=False, highlight=False)
     console.print(f"dashboard: {dashboard_command(meta)}", markup=False, highlight=False)

@@ -39,7 +39,7 @@ def _figure(*args, **kwargs):
 
 def _save(fig, path: Path, dpi: int = 90) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -127,7 +127,8 @@ def plot_metric_per_round(rows: list[dict], metric: str, study: str, path: Path)
     ax.axhline(0, color="grey", lw=0.5)
     ax.set(title=f"study {study}: {metric} per round", xlabel="round", ylabel=metric)
     _integer_x(ax, range(max(len(v) for _, v in lines)))
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), title="trial", title_fontsize=7)
+    if len(lines) <= 20:                                   # beyond that a legend hides more than it tells
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), title="trial", title_fontsize=7)
     return _save(fig, path)
 
 

@@ -120,10 +120,16 @@ def dashboard_command(meta: dict) -> str:
     return f"pip install optuna-dashboard && optuna-dashboard {target}"
 
 
-def write_report(study_dir: str | Path) -> dict:
+def write_report(study_dir: str | Path, write: bool = True) -> dict:
+    """Write the report files (with `write=False`: only read the tables, and list the plots already there)."""
     study_dir = Path(study_dir)
     meta, study = load(study_dir)
     rows = trial_rows(study, study_dir)
+    files = [study_dir / n for n in ("report.csv", "report.md", "report.html")]
+    if not write:
+        frame = trial_frame(rows)
+        return {"meta": meta, "frame": frame, "display": display_frame(frame, meta), "rows": rows, "files": files,
+                "images": {p.stem: p for p in sorted(study_dir.glob("*.png"))}}
     missing = [r for r in rows if r["missing"]]
     if missing and (study_dir / "report.csv").exists():
         raise UserError(f"{len(missing)} of {len(rows)} trials' chain folders are not found (e.g. "
@@ -142,8 +148,7 @@ def write_report(study_dir: str | Path) -> dict:
     shown = display_frame(frame, meta)
     io.write_text(study_dir / "report.md", _markdown(meta, shown, images))
     io.write_text(study_dir / "report.html", _html(meta, study, study_dir, frame, shown, images))
-    return {"meta": meta, "frame": frame, "display": shown, "rows": rows, "images": images,
-            "files": [study_dir / n for n in ("report.csv", "report.md", "report.html")]}
+    return {"meta": meta, "frame": frame, "display": shown, "rows": rows, "images": images, "files": files}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -217,7 +217,7 @@ class WandbTracker:
                                      row["degeneracy"], row["texts"][0] if row["texts"] else ""])
 
     def finish(self, chain: dict | None, state: str = "finished") -> None:
-        if self.state["finished"] and self.run is None and chain is not None:
+        if self.state["finished"] and self.run is None:
             return                                  # a re-run of a finished, fully logged chain
         self._guard(self._finish, chain, state)
 
@@ -233,8 +233,10 @@ class WandbTracker:
                   "evaluations": (["eval", "kind", "weights", "heldout_loss", "task_score", "degeneracy",
                                    "first_text"], self.evaluation_rows)}
         data = {name: wandb.Table(columns=cols, data=rows) for name, (cols, rows) in tables.items() if rows}
-        if data:
-            self.run.log(data, step=self.step) if self.seen else self.run.log(data)
+        if data and self.seen:
+            self.run.log(data, step=self.step, commit=True)          # after the last round, on the same axis
+        elif data:
+            self.run.log(data)
         if chain is not None:
             self.run.summary["trajectory"] = chain["trajectory"]["class"]
             self.run.summary["trajectory_reason"] = chain["trajectory"]["reason"]
