@@ -206,8 +206,8 @@ COMMANDS: dict[str, Command] = {
                       (1, 1), "<study dir>"),
     "show": Command("a finished chain (per-round table, trajectory, recruits) or a study's trials, without re-running",
                     cmd_show, (1, 1), "<run or study dir>"),
-    "compare": Command("chains side by side: metrics, trajectory classes, recruit overlap (Jaccard, rank "
-                       "correlation); a study: the overlap matrix across its trials", cmd_compare, (1, 64),
+    "compare": Command("chains side by side: metrics, trajectories, recruit overlap (Jaccard, rank correlation); "
+                       "a study: overlap matrices", cmd_compare, (1, 64),
                        "<chain dir> <chain dir> ... | <study dir> [round=<r>]"),
     "reproduce": Command("re-run a chain from its saved config and compare the records", cmd_reproduce, (1, 2),
                          "<run dir> [out dir]"),
