@@ -18,6 +18,7 @@ __version__ = "0.2.0"
 
 _EXPORTS = {
     "load_session": "api", "run_round": "api", "run_chain": "api", "Chain": "api", "Study": "api",
+    "show": "api", "compare": "api",
     "Session": "core.session", "Unit": "core.basis",
     "Mask": "core.interventions", "Scale": "core.interventions", "Add": "core.interventions",
     "IGPath": "core.interventions",

@@ -7,6 +7,7 @@
     chain.rounds, chain.recruits                              # pandas DataFrames
     cs.Chain.load("runs/c1").trajectory
     cs.Study.load("multirun/crabsweep-default").trials       # Optuna trials joined with per-round metrics
+    cs.show("runs/c1"); cs.compare("runs/c1", "runs/c2").overlap   # look again, side by side
 
 A session is composed exactly like the CLI (Hydra overrides, the same validation); `run_chain` writes
 `.hydra/config.yaml` so `crabsweep reproduce` accepts its output.
@@ -52,7 +53,7 @@ def run_chain(session: Session, out_dir: str | Path | None = None, cache=None, t
         if tracker is None:
             tracker = make_tracker(session.cfg, name=out.name, group=session.cfg.tracker.get("group") or "chains",
                                    job_type="chain", config=chain_config(session.cfg),
-                                   directory=Path(session.cfg.tracker.dir or out), adapters_from=out)
+                                   directory=Path(session.cfg.tracker.dir or out), adapters_from=out, run_dir=out)
         _run(session, out, cache=cache, tracker=tracker)
     return Chain.load(out)
 
@@ -60,7 +61,8 @@ def run_chain(session: Session, out_dir: str | Path | None = None, cache=None, t
 def chain_config(cfg: DictConfig) -> dict:
     """What shaped a chain (the config minus the sweep/ensemble/tracker sections that did not)."""
     from omegaconf import OmegaConf
-    plain = OmegaConf.to_container(cfg, resolve=True)
+    from .redact import redact
+    plain = redact(OmegaConf.to_container(cfg, resolve=True))
     return {k: v for k, v in plain.items() if k not in ("sweep", "ensemble", "tracker")}
 
 
@@ -83,41 +85,21 @@ class Chain:
 
     @property
     def rounds(self):
-        """One row per round: round, n_suppressed and every scalar metric."""
+        """One row per round: round and every scalar metric (familiar ones first)."""
         import pandas as pd
-        rows = []
-        for rec in self.record["rounds"]:
-            row = {"round": rec["round"]}
-            row.update({k: v for k, v in rec["metrics"].items() if isinstance(v, (int, float, type(None)))
-                        and not isinstance(v, bool)})
-            rows.append(row)
-        return pd.DataFrame(rows)
+        from .track.records import round_rows
+        return pd.DataFrame(round_rows(self.record))
 
     @property
     def recruits(self):
-        """One row per (round, method, unit): every unit selected into S and every per-method top entry."""
+        """One row per (round, method, unit): every unit selected into S (`selected`) and every entry of every
+        per-method top list (`top`), with its score and rank."""
         import pandas as pd
+        from .track.records import recruit_rows
         return pd.DataFrame(recruit_rows(self.record))
 
     def __repr__(self) -> str:
         return f"Chain({self.dir}, {len(self.record['rounds'])} rounds, {self.trajectory['class']})"
-
-
-def recruit_rows(chain: dict) -> list[dict]:
-    rows = []
-    for rec in chain["rounds"]:
-        r, rc = rec["round"], rec["recruits"]
-        chosen = {tuple(sorted(x["unit"].items())) for x in rc["selected"]}
-        for rank_, x in enumerate(rc["selected"]):
-            rows.append({"round": r, "method": rc["method"], **x["unit"], "score": x["score"], "rank": rank_,
-                         "selected": True})
-        for method, ranked in rc.get("top", {}).items():
-            for rank_, x in enumerate(ranked):
-                if method == rc["method"] and tuple(sorted(x["unit"].items())) in chosen:
-                    continue
-                rows.append({"round": r, "method": method, **x["unit"], "score": x["score"], "rank": rank_,
-                             "selected": False})
-    return rows
 
 
 class Study:
@@ -140,14 +122,24 @@ class Study:
 
     @property
     def trials(self):
-        """One row per trial: Optuna's columns joined with each chain's per-round metrics (`r<k>.<metric>`)."""
-        import pandas as pd
-        from .track.report import trial_rows
-        rows = []
-        for t in trial_rows(self.study, self.dir):
-            row = {"trial": t["trial"], "state": t["state"], "value": t["value"], "trajectory": t["trajectory"],
-                   **{f"params.{k}": v for k, v in t["params"].items()}}
-            for i, metrics in enumerate(t["rounds"]):
-                row.update({f"r{i}.{k}": v for k, v in metrics.items()})
-            rows.append(row)
-        return pd.DataFrame(rows)
+        """One row per trial (the rows of report.csv): state, value, `params.<k>`, trajectory, cache hits and
+        each chain's per-round metrics as `r<k>.<metric>`."""
+        from .track.report import trial_frame, trial_rows
+        return trial_frame(trial_rows(self.study, self.dir))
+
+
+def show(directory: str | Path):
+    """A finished chain's per-round table (`Chain.load(dir).rounds`) or a study's trial table
+    (`Study.load(dir).trials`), as a DataFrame, without re-running anything."""
+    directory = Path(directory)
+    if (directory / "sweep.json").exists():
+        return Study.load(directory).trials
+    return Chain.load(directory).rounds
+
+
+def compare(*directories: str | Path, round: int = 0):  # noqa: A002
+    """Chains side by side → a Comparison of DataFrames: `.metrics` (per round), `.trajectories`, `.overlap`
+    (Jaccard, Spearman, Kendall of each pair's recruits per round); one study folder also gets `.matrices`
+    (the overlap of round `round`'s recruits, and of the final suppressed sets, across its trials)."""
+    from .track.compare import compare as _compare
+    return _compare(*directories, round=round)

@@ -168,6 +168,23 @@ def cmd_report(ctx: Context) -> int:
     return 0
 
 
+def cmd_show(ctx: Context) -> int:
+    console.setup_logging(None)
+    console.print_show(ctx.paths[0])
+    return 0
+
+
+def cmd_compare(ctx: Context) -> int:
+    from .api import compare
+    console.setup_logging(None)
+    rnd = [o for o in ctx.overrides if o.startswith("round=")]
+    if len(rnd) != len(ctx.overrides) or not all(o.split("=", 1)[1].isdigit() for o in rnd):
+        raise UserError(f"compare takes folders and optionally round=<r> (the round of a study's matrices), "
+                        f"not {' '.join(ctx.overrides)}")
+    console.print_compare(compare(*ctx.paths, round=int(rnd[-1].split("=", 1)[1]) if rnd else 0))
+    return 0
+
+
 def cmd_reproduce(ctx: Context) -> int:
     from .loop.reproduce import reproduce
     console.setup_logging(None)
@@ -191,7 +208,13 @@ COMMANDS: dict[str, Command] = {
     "chain": Command("rounds 0..N, each suppressing the previous top-K; control, trajectory; resumable", cmd_chain,
                      multirun=True),
     "sweep": Command("Optuna over whole chains (the main job): pruning, storages, workers, W&B, report", cmd_sweep),
-    "report": Command("a study's trials as tables and plots", cmd_report, (1, 1), "<study dir>"),
+    "report": Command("a study's trials as tables and plots (report.csv, report.md, report.html, PNGs)", cmd_report,
+                      (1, 1), "<study dir>"),
+    "show": Command("a finished chain (per-round table, trajectory, recruits) or a study's trials, without re-running",
+                    cmd_show, (1, 1), "<run or study dir>"),
+    "compare": Command("chains side by side: metrics, trajectories, recruit overlap (Jaccard, rank correlation); "
+                       "a study: overlap matrices", cmd_compare, (1, 64),
+                       "<chain dir> <chain dir> ... | <study dir> [round=<r>]"),
     "reproduce": Command("re-run a chain from its saved config and compare the records", cmd_reproduce, (1, 2),
                          "<run dir> [out dir]"),
     "ensemble": Command("combine a chain's round adapters; study their weights", cmd_ensemble, (1, 1), "<chain dir>"),

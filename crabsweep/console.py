@@ -12,7 +12,8 @@ from rich.table import Table
 
 
 class _TqdmHandler(logging.StreamHandler):
-    """Log lines printed above the progress bars (tqdm.write), never into them."""
+    """Log lines printed above the progress bars (tqdm.write clears the bars, prints, redraws them), never
+    into them. Without a live bar it is a plain stderr handler."""
 
     def emit(self, record):
         try:
@@ -23,40 +24,60 @@ class _TqdmHandler(logging.StreamHandler):
 
 
 def quiet_third_parties() -> None:
-    """Silence warnings and progress output a user cannot act on."""
+    """Silence warnings and progress output a user cannot act on (they are not about the user's config)."""
     import transformers
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    for pattern in (".*generation flags.*", ".*Position ids are not supported.*", ".*`torch_dtype` is deprecated.*"):
+    for pattern in (".*generation flags.*", ".*Position ids are not supported.*", ".*`torch_dtype` is deprecated.*",
+                    ".*TRANSFORMERS_CACHE.*", ".*`resume_download`.*", ".*pkg_resources is deprecated.*"):
         warnings.filterwarnings("ignore", message=pattern)
     warnings.filterwarnings("ignore", module="peft")
     warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
     import optuna
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.disable_default_handler()          # its warnings reach ours through propagation
+    optuna.logging.enable_propagation()
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    for name in ("wandb", "urllib3", "filelock", "matplotlib", "PIL", "httpx"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def setup_logging(run_dir: Path | None) -> None:
+    """crabsweep's INFO lines and every other library's warnings (and Python warnings) through one handler
+    that prints above the progress bars; crabsweep's lines also into `<run_dir>/crabsweep.log`."""
     quiet_third_parties()
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
-    root = logging.getLogger("crabsweep")
-    root.setLevel(logging.INFO)
-    root.handlers.clear()
+    ours = logging.getLogger("crabsweep")
+    ours.setLevel(logging.INFO)
+    ours.handlers.clear()
+    ours.propagate = False
     from .redact import RedactingFilter
     stream = _TqdmHandler()
     stream.setFormatter(fmt)
     stream.addFilter(RedactingFilter())
-    root.addHandler(stream)
+    ours.addHandler(stream)
+    top = logging.getLogger()
+    for h in [h for h in top.handlers if isinstance(h, _TqdmHandler)]:
+        top.removeHandler(h)
+    theirs = _TqdmHandler()
+    theirs.setLevel(logging.WARNING)
+    theirs.setFormatter(fmt)
+    theirs.addFilter(RedactingFilter())
+    top.addHandler(theirs)
+    logging.captureWarnings(True)
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
         file = logging.FileHandler(run_dir / "crabsweep.log")
         file.setFormatter(fmt)
         file.addFilter(RedactingFilter())
-        root.addHandler(file)
+        ours.addHandler(file)
 
 
 def _console(width: int = 150) -> Console:
-    return Console(width=max(Console().width, width))
+    """The terminal's width on a terminal (rich fits tables to it); at least `width` when piped to a file."""
+    plain = Console()
+    return plain if plain.is_terminal else Console(width=max(plain.width, width))
 
 
 def _fmt(x, digits: int = 4) -> str:
@@ -109,46 +130,131 @@ def _unit(u: dict) -> str:
     return f"{u.get('dictionary', 'F')}:{u.get('feature', u.get('index'))}"
 
 
-def print_chain(chain: dict, run_dir: Path, seconds: float) -> None:
-    console = _console()
-    k = ", ".join(f"{key}={v}" for key, v in chain["config"]["k"].items() if v is not None)
-    table = Table(title=f"chain ({chain['config']['attribution']}, {k}, {chain['config']['granularity']})")
-    cols = ["r", "|S|", "init", "final", "Δloss", "gap", "gap rnd", "spec", "damage", "collat", "held-out",
-            "top-1", "layers", "score on/off"]
-    for c in cols:
+SHORT = {"n_suppressed": "|S|", "init_loss": "init", "final_loss": "final", "delta_loss": "Δloss", "final_gap": "gap",
+         "final_gap_random": "gap rnd", "specificity": "spec", "selectivity": "select", "behaviour_ce": "behav CE",
+         "content_ce": "content CE", "collateral": "collat", "heldout_loss": "held-out", "task_score": "score",
+         "task_score_mask_off": "score off", "top1_score": "top-1", "layers_with_recruits": "layers"}
+
+
+def _cell(x) -> str:
+    if x is None or (isinstance(x, float) and x != x):
+        return "n/a"
+    return f"{x:.4g}" if isinstance(x, float) else str(x)
+
+
+def rounds_table(chain: dict, title: str, names: list[str] | None = None) -> Table:
+    """One row per round with the familiar metrics that exist (records.CORE), or `names`."""
+    from .track.records import CORE, metric_names
+    present = metric_names(chain["rounds"])
+    names = names or [k for k in CORE if k in present] or present
+    table = Table(title=title)
+    for c in ["r", *(SHORT.get(k, k) for k in names)]:
         table.add_column(c, justify="right")
     for rec in chain["rounds"]:
-        m = rec["metrics"]
-        table.add_row(str(rec["round"]), str(m["n_suppressed"]), *(_fmt(m.get(k), 3) for k in (
-            "init_loss", "final_loss", "delta_loss", "final_gap", "final_gap_random", "specificity", "damage",
-            "collateral", "heldout_loss")), _fmt(m["top1_score"], 4), str(m["layers_with_recruits"]),
-            f"{_fmt(m['task_score'], 2)}/{_fmt(m['task_score_mask_off'], 2)}")
-    console.print(table)
+        table.add_row(str(rec["round"]), *(_cell(rec["metrics"].get(k)) for k in names))
+    return table
+
+
+def _chain_title(chain: dict, name: str = "chain") -> str:
+    c = chain["config"]
+    k = ", ".join(f"{key}={v}" for key, v in c["k"].items() if v is not None)
+    return f"{name} ({c['attribution']}, {k}, {c['granularity']})"
+
+
+def print_chain(chain: dict, run_dir: Path, seconds: float | None) -> None:
+    console = _console()
+    console.print(rounds_table(chain, _chain_title(chain, f"chain {Path(run_dir).name}")))
     t = chain["trajectory"]
-    console.print(f"trajectory: {t['class']} — {t['reason']}", markup=False)
+    console.print(f"trajectory: {t['class']} — {t['reason']}", markup=False, highlight=False)
     if chain["stopped"]:
-        console.print(f"stopped early: {chain['stopped']}", markup=False)
+        console.print(f"stopped early: {chain['stopped']}", markup=False, highlight=False)
+    took = f"{seconds:.0f}s; " if seconds is not None else ""
     console.print(f"idle units: {chain['idle']['total']} ({chain['idle']['fraction']:.1%}); "
-                  f"{seconds:.0f}s; records: {run_dir}/chain.json, chain.png", markup=False)
+                  f"{took}records: {run_dir}/chain.json, chain.png", markup=False, highlight=False)
+
+
+def print_recruits(chain: dict) -> None:
+    from .track.records import unit_label
+    table = Table(title="selected units per round (best first, with their scores)")
+    table.add_column("r", justify="right")
+    table.add_column("|S| before", justify="right")
+    table.add_column("method")
+    table.add_column("selected units", overflow="fold")
+    for rec in chain["rounds"]:
+        rc = rec["recruits"]
+        units = "  ".join(f"{unit_label(x['unit'])} {x['score']:.3g}" for x in rc["selected"])
+        table.add_row(str(rec["round"]), str(len(rec["suppressed"])), rc["method"], units or "—")
+    _console().print(table)
+
+
+def print_show(directory: Path) -> None:
+    """`crabsweep show`: a chain (per-round table, trajectory, recruits) or a study (trial table)."""
+    from .api import Chain, Study
+    if (directory / "sweep.json").exists():
+        from .track.report import display_frame
+        study = Study.load(directory)
+        frame = study.trials
+        console = _console()
+        console.print(frame_table(display_frame(frame, study.meta), f"study {study.meta['study']} — value = last "
+                                  f"round's {study.meta['objective']['metric']} ({study.meta['objective']['direction']})"))
+        console.print(f"{len(frame)} trials; a chain: crabsweep show {directory}/trial_<n>; plots and report.html: "
+                      f"crabsweep report {directory}", markup=False, highlight=False)
+        return
+    chain = Chain.load(directory)
+    print_chain(chain.record, directory, None)
+    print_recruits(chain.record)
+
+
+def frame_table(frame, title: str) -> Table:
+    table = Table(title=title)
+    for c in frame.columns:
+        table.add_column(str(c), justify="right", overflow="fold")
+    for row in frame.astype(object).itertuples(index=False):
+        table.add_row(*(_cell(None if _isna(v) else v) for v in row))
+    return table
+
+
+def _isna(v) -> bool:
+    import pandas as pd
+    return not isinstance(v, (list, dict, tuple)) and bool(pd.isna(v))
+
+
+def print_compare(comp) -> None:
+    """`crabsweep compare`: metrics side by side, trajectory classes, recruit overlap (and a study's matrices)."""
+    from .track.records import CORE
+    console = _console()
+    m = comp.metrics
+    core = [k for k in CORE if k in m.index.get_level_values("metric")]
+    shown = m[m.index.get_level_values("metric").isin(core)].reset_index()
+    if len(comp.chains) <= 6:
+        console.print(frame_table(shown, "per-round metrics side by side"))
+    console.print(frame_table(comp.trajectories.reset_index()[["chain", "class", "rounds", "reason"]],
+                              "trajectory classes"))
+    if comp.matrices:
+        for name, mat in comp.matrices.items():
+            console.print(frame_table(mat.reset_index(names="chain"), f"{comp.study}: {name}"))
+        return
+    console.print(frame_table(comp.overlap, "recruit overlap per round (Jaccard of the selected units and of S "
+                                            "after the round; rank correlation on the shared units)"))
 
 
 def print_report(study_dir: Path, summary: dict | None, seconds: float | None = None) -> None:
     from .track.report import dashboard_command, write_report
-    rep = write_report(study_dir)
+    rep = write_report(study_dir, write=summary is None)     # after a sweep, its summary just wrote it
     console = _console()
-    table = Table(title=f"study {rep['meta']['study']} — objective {rep['meta']['objective']}")
-    for c in rep["header"]:
-        table.add_column(str(c))
-    for row in rep["table"]:
-        table.add_row(*map(str, row))
-    console.print(table)
+    meta = rep["meta"]
+    console.print(frame_table(rep["display"], f"study {meta['study']} — value = last round's "
+                                              f"{meta['objective']['metric']} ({meta['objective']['direction']})"))
     if summary is not None:
-        console.print(f"best trial: {summary['best_trial']}; states: {summary['states']}; round cache: "
-                      f"{summary['cache']['hits']} hits / {summary['cache']['misses']} misses; "
-                      f"{summary['seconds']:.0f}s", markup=False)
-    console.print(f"report: {study_dir}/report.md, report.csv, {', '.join(p.name for p in rep['images'].values())}",
-                  markup=False)
-    console.print(f"dashboard: {dashboard_command(rep['meta'])}", markup=False)
+        best = summary["best_trial"]
+        best = (f"best trial {best['number']}: {meta['objective']['metric']} {best['value']:.4g} ("
+                + ", ".join(f"{k}={v}" for k, v in best["params"].items()) + ")") if best else "no completed trial"
+        states = ", ".join(f"{n} {k.lower()}" for k, n in summary["states"].items())
+        console.print(f"{best}; trials: {states}; round cache: {summary['cache']['hits']} hits / "
+                      f"{summary['cache']['misses']} misses; {summary['seconds']:.0f}s", markup=False, highlight=False)
+    console.print(f"report: {', '.join(str(p) for p in rep['files'])}; plots: "
+                  f"{', '.join(p.name for p in rep['images'].values())}", markup=False, highlight=False)
+    console.print(f"dashboard: {dashboard_command(meta)}", markup=False, highlight=False)
 
 
 def print_reproduce(report: dict) -> int:

@@ -30,12 +30,13 @@ def test_load_session_run_round_and_chain_write_reproducible_records(tmp_path):
         rc = rec["recruits"]
         sel = {(x["unit"]["layer"], x["unit"]["index"]) for x in rc["selected"]}
         want |= {(rec["round"], rc["method"], *u, True) for u in sel}
-        for method, ranked in rc["top"].items():
-            want |= {(rec["round"], method, x["unit"]["layer"], x["unit"]["index"], False) for x in ranked
-                     if not (method == rc["method"] and (x["unit"]["layer"], x["unit"]["index"]) in sel)}
+        for method, ranked in rc["top"].items():       # every top list, its entries marked if they joined S
+            want |= {(rec["round"], method, x["unit"]["layer"], x["unit"]["index"],
+                      (x["unit"]["layer"], x["unit"]["index"]) in sel) for x in ranked}
     got = {(r.round, r.method, r.layer, r.index, bool(r.selected)) for r in rows.itertuples()}
     assert got == want and len(rows) == len(want)
-    assert int(rows.selected.sum()) == 4 * 3
+    ranking = rows[rows.method == record["rounds"][0]["recruits"]["method"]]
+    assert int(ranking.selected.sum()) == 4 * 3                 # every selected unit, once
     again = cs.Chain.load(chain.dir)
     assert again.config.k.k == 4 and again.trajectory == record["trajectory"]
 

@@ -159,8 +159,8 @@ def test_wandb_offline_run_records_group_config_rounds_and_recruits(tmp_path):
         _run_dir(study_dir, trial) / f"round_{r}" / "record.json")["loss_curve"]) for r in range(3))
     table_path = next(h["recruits.path"] for h in history if "recruits.path" in h)
     table = json.loads((run / "files" / table_path).read_text())
-    assert table["columns"] == ["round", "layer", "index", "score", "method", "selected"]
-    selected = [(row[0], row[1], row[2]) for row in table["data"] if row[5]]
+    assert table["columns"] == ["round", "layer", "index", "score", "method", "selected", "rank", "top", "unit"]
+    selected = [(row[0], row[1], row[2]) for row in table["data"] if row[5] and row[4] == "grad_x_act"]
     expected = [(rec["round"], x["unit"]["layer"], x["unit"]["index"]) for rec in chain["rounds"]
                 for x in rec["recruits"]["selected"]]
     assert selected == expected

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from ..core.tasks import Example, Sample, Scorer, collate
 from ..errors import UserError
@@ -25,7 +26,8 @@ def eval_loss(session, examples: list[Example], batch_size: int | None = None) -
     model.eval()
     sums = {"plain": 0.0, "n": 0.0, "weighted": 0.0, "w": 0.0, "behaviour": 0.0, "nb": 0.0, "content": 0.0, "nc": 0.0}
     per_sample = {}
-    for i in range(0, len(examples), batch_size):
+    for i in tqdm(range(0, len(examples), batch_size), desc="evaluating", unit="batch", leave=False, disable=None,
+                  delay=1.0):
         chunk = examples[i:i + batch_size]
         batch = collate(chunk, session.pad_id)
         with session.precision():
@@ -54,14 +56,33 @@ def generate(session, examples: list[Example], max_new_tokens: int) -> list[str]
     was_training = model.training
     model.eval()
     texts = []
-    for e in examples:
+    bar = tqdm(total=len(examples) * max_new_tokens, desc="generating", unit="tok", leave=False, disable=None,
+               delay=0.5)
+    for i, e in enumerate(examples):
         ids = e.prompt_ids.unsqueeze(0).to(session.device)
         with session.precision():
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=tok.pad_token_id)
+                                 do_sample=False, pad_token_id=tok.pad_token_id, streamer=_TokenBar(bar))
         texts.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+        bar.update((i + 1) * max_new_tokens - bar.n)            # an early end of text counts as done
+    bar.close()
     model.train(was_training)
     return texts
+
+
+class _TokenBar:
+    """A `generate(streamer=...)` that advances a progress bar per new token (the first put is the prompt)."""
+
+    def __init__(self, bar):
+        self.bar, self.prompt_seen = bar, False
+
+    def put(self, value) -> None:
+        if self.prompt_seen:
+            self.bar.update(int(value.numel()))
+        self.prompt_seen = True
+
+    def end(self) -> None:
+        pass
 
 
 def score_generations(examples: list[Example], texts: list[str], scorer: Scorer, **extra) -> list[dict]:

@@ -228,12 +228,13 @@ def run_trial(worker: Worker, plan: SweepPlan, trial, params: dict, cache, sessi
             tcfg = compose_trial(plan, params, run_dir)
             check_run_dir(tcfg, run_dir)
             with io.owned_run_dir(run_dir):
+                from ..api import chain_config
                 save_config(tcfg, [*scfg.overrides, *plan.public, *(override(k, v) for k, v in params.items())],
                             run_dir)
                 tracker = make_tracker(tcfg, name=f"{scfg.study}-trial{trial.number}", group=scfg.study,
                                        job_type="chain", directory=Path(tcfg.tracker.dir or plan.study_dir),
-                                       config={**redact(OmegaConf.to_container(tcfg)), "trial": trial.number,
-                                               "trial_params": params}, adapters_from=run_dir)
+                                       config={**chain_config(tcfg), "trial": trial.number,
+                                               "trial_params": params}, adapters_from=run_dir, run_dir=run_dir)
                 hits0, misses0 = (cache.hits, cache.misses) if cache else (0, 0)
                 chain = _run_chain(_session_for(tcfg, sessions), run_dir, cache, tracker, trial, tcfg)
     except KeyboardInterrupt:
@@ -336,7 +337,7 @@ def summarize(plan: SweepPlan, seconds: float, stopped: str | None = None) -> di
     report = write_report(study_dir)
     tracker = make_tracker(cfg, name=f"{cfg.sweep.study}-summary", group=cfg.sweep.study, job_type="summary",
                            config=redact(OmegaConf.to_container(cfg.sweep)),
-                           directory=Path(cfg.tracker.dir or study_dir))
+                           directory=Path(cfg.tracker.dir or study_dir), run_dir=study_dir)
     if hasattr(tracker, "log_summary"):
         flat = {"best_value": best.value if best else None, "best_trial": best.number if best else None,
                 "cache_hits": summary["cache"]["hits"], "cache_misses": summary["cache"]["misses"],
