@@ -17,6 +17,7 @@ from typing import Any, Literal
 from omegaconf import DictConfig, OmegaConf
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ..circuits.config import CircuitConfig, DiscoverConfig, EdgesConfig, FaithfulnessConfig, SteerConfig
 from ..errors import UserError
 
 Finite = Field(allow_inf_nan=False)
@@ -74,6 +75,7 @@ class ChainConfig(_M):
     rounds: int = Field(ge=0)
     inventory: str | None
     control: Literal["last", "every", "none"]
+    faithfulness: bool = False
     stop: StopConfig
     classify: ClassifyConfig
 
@@ -126,6 +128,11 @@ class RootConfig(_M):
     k: dict
     tracker: dict
     sweep: dict
+    circuit: CircuitConfig
+    discover: DiscoverConfig
+    steer: SteerConfig
+    faithfulness: FaithfulnessConfig
+    edges: EdgesConfig
 
 
 def _registries() -> dict[str, tuple[Any, str]]:

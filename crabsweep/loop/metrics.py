@@ -40,20 +40,26 @@ def eval_loss(session, examples: list[Example], batch_size: int | None = None) -
 
 
 @torch.no_grad()
-def generate(session, examples: list[Example], max_new_tokens: int) -> list[str]:
-    """Greedy continuation of each example's prompt, one at a time (exact, no padding effects)."""
+def generate_ids(session, examples: list[Example], max_new_tokens: int) -> list[torch.Tensor]:
+    """Greedy continuation (new token ids, CPU) of each example's prompt, one at a time (exact, no padding)."""
     model, tok = session.model, session.tokenizer
     was_training = model.training
     model.eval()
-    texts = []
+    outs = []
     for e in examples:
         ids = e.prompt_ids.unsqueeze(0).to(session.device)
         with session.precision():
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                  do_sample=False, pad_token_id=tok.pad_token_id)
-        texts.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+        outs.append(out[0, ids.shape[1]:].cpu())
     model.train(was_training)
-    return texts
+    return outs
+
+
+def generate(session, examples: list[Example], max_new_tokens: int) -> list[str]:
+    """Greedy continuation of each example's prompt, one at a time (exact, no padding effects)."""
+    return [session.tokenizer.decode(ids, skip_special_tokens=True)
+            for ids in generate_ids(session, examples, max_new_tokens)]
 
 
 def score_generations(examples: list[Example], texts: list[str], scorer: Scorer, **extra) -> list[dict]:
