@@ -183,10 +183,12 @@ def cmd_ensemble(ctx: Context) -> int:
 def _circuit_run(ctx: Context, job: str, fn) -> int:
     """Compose, own the run dir, save the config, call `fn(session, run_dir, tracker)` → what to print."""
     from .api import chain_config
+    from .circuits.report import check_fresh
     from .config import save_config
     from .io import owned_run_dir
     from .track.wandb import make_tracker
     cfg = ctx.compose()
+    check_fresh(ctx.run_dir, job)
     with owned_run_dir(ctx.run_dir) as run_dir:
         console.setup_logging(run_dir)
         save_config(cfg, ctx.overrides, run_dir)

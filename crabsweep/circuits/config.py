@@ -37,14 +37,14 @@ class DiscoverConfig(_M):
     negative: list[str] | str | None = None
     positions: Literal["each", "sum"] = "each"
     aggregate: Literal["mean", "any"] = "mean"
-    skip_positions: Literal["bos", "first", "none"] = "bos"
-    skip_layers: list[int] | None = None
+    skip_positions: Literal["first", "bos", "none"] = "first"
+    skip_layers: list[int] = [0, 1]
     select: Literal["topk", "threshold", "percentage", "per_layer_topk"] = "topk"
     k: int | None = Field(200, ge=1)
     threshold: float = Prob
     percentage: float = Field(0.005, gt=0, allow_inf_nan=False)
     per_layer_k: int = Field(10, ge=1)
-    exclude_universal: bool = False
+    exclude_universal: bool = True
     universal_top: int = Field(20, ge=1)
     universal_fraction: float = Prob
     exclude_massive: float | None = Field(None, gt=1, allow_inf_nan=False)

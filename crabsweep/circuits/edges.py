@@ -31,6 +31,7 @@ from ..errors import UserError
 from ..methods.relp import linearized
 from .circuit import Circuit, Key, load_source
 from .config import options
+from .report import check_fresh
 from .prompts import encode
 
 log = logging.getLogger(__name__)
@@ -190,6 +191,7 @@ def _prompts(session, circuit: Circuit, ccfg) -> tuple[list[torch.Tensor], list[
 def edges(session, source, out_dir: str | Path | None = None, **overrides) -> Graph:
     """The edge graph of a circuit (config section `edges`); with `out_dir`, write edges.json and edges.dot."""
     ccfg, ecfg = options(session.cfg, "circuit"), options(session.cfg, "edges", overrides)
+    check_fresh(out_dir, "edges")
     circuit = source if isinstance(source, Circuit) else load_source(source, session.basis)
     session.basis.check(circuit.units(), "circuit unit")
     if session.basis.name == "moe_expert":

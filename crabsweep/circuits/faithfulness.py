@@ -34,6 +34,7 @@ from ..core.tasks import collate
 from ..errors import UserError
 from .circuit import Circuit, load_source
 from .config import options
+from .report import check_fresh
 from .discover import Discovery, auto_counterfactual, discover
 from .prompts import PromptSet, load_prompt_set, token_id
 
@@ -129,6 +130,7 @@ def faithfulness(session, source=None, out_dir: str | Path | None = None, prompt
                  tracker=None, **overrides) -> dict:
     """The faithfulness/completeness sweep of `source` (a circuit, unit set, Discovery, or None: discover)."""
     ccfg, fcfg = options(session.cfg, "circuit"), options(session.cfg, "faithfulness", overrides)
+    check_fresh(out_dir, "faithfulness")
     if session.basis.name == "moe_expert":
         raise UserError("faithfulness mean-ablates per-token features; suppression=moe_expert has none")
     ps = prompts if isinstance(prompts, PromptSet) else load_prompt_set(prompts or ccfg.prompts, ccfg.chat, session)
@@ -186,5 +188,6 @@ def chain_round_faithfulness(session, units) -> dict:
         runs.append((ex.input_ids, means, logprob))
     proto = Protocol(session, runs)
     out = proto.measure(list(units))
-    return {"faithfulness": out["faithfulness"], "completeness": out["completeness"], "f_model": proto.f_model,
-            "f_empty": proto.f_empty, "f_circuit": out["f_circuit"], "f_complement": out["f_complement"]}
+    return {"faithfulness": out["faithfulness"], "completeness": out["completeness"],
+            "faithfulness_f_model": proto.f_model, "faithfulness_f_empty": proto.f_empty,
+            "faithfulness_f_circuit": out["f_circuit"], "faithfulness_f_complement": out["f_complement"]}

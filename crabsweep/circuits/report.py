@@ -11,8 +11,18 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from .. import io  # noqa: E402
+from ..errors import UserError  # noqa: E402
 
 log = logging.getLogger(__name__)
+OUTPUTS = {"discover": ("circuit.json", "units.json"), "steer": ("steer.json", "steer.png"),
+           "faithfulness": ("faithfulness.json", "faithfulness.png"), "edges": ("edges.json", "edges.dot")}
+
+
+def check_fresh(out_dir, job: str) -> None:
+    """Refuse to write `job`'s records over those of an earlier run."""
+    for name in OUTPUTS[job]:
+        if out_dir is not None and (Path(out_dir) / name).exists():
+            raise UserError(f"{Path(out_dir) / name} exists (an earlier run); pass a new hydra.run.dir / out_dir")
 
 
 def _log(tracker, name: str, rows: list[dict], x: str, images: dict[str, Path], summary: dict) -> None:

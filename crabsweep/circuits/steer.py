@@ -42,6 +42,7 @@ from ..loop.metrics import generate_ids
 from ..methods.selection import matched_random
 from .circuit import Circuit, load_source
 from .config import options
+from .report import check_fresh
 from .prompts import PromptSet, load_prompt_set, token_id
 
 log = logging.getLogger(__name__)
@@ -210,6 +211,7 @@ def steer(session, source=None, out_dir: str | Path | None = None, prompts: Prom
     """Sweep `steer.multipliers` over a circuit / unit set / chain round (`source`), and CAA strengths when
     `steer.caa`; returns the result (and with `out_dir` writes steer.json and steer.png)."""
     ccfg, scfg = options(session.cfg, "circuit"), options(session.cfg, "steer", overrides)
+    check_fresh(out_dir, "steer")
     ps = prompts if isinstance(prompts, PromptSet) else load_prompt_set(prompts or ccfg.prompts, ccfg.chat, session)
     basis = session.basis
     circuit = None

@@ -193,6 +193,9 @@ def validate(cfg: DictConfig) -> None:
     if method.adapters is not None and adapter.name not in method.adapters:
         raise UserError(f"attribution={method.name} needs adapter={' or '.join(method.adapters)}, not "
                         f"adapter={adapter.name}; choose another attribution or adapter")
+    if plain["chain"].get("faithfulness") and gran == "moe_expert":
+        raise UserError("chain.faithfulness mean-ablates per-token features; suppression=moe_expert has none "
+                        "(set chain.faithfulness=false)")
     if mode not in basis.obj.modes:
         raise UserError(f"suppression.mode={mode} is not defined for suppression={gran}; choose one of "
                         f"{', '.join(basis.obj.modes)}")

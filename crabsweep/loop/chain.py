@@ -154,6 +154,9 @@ def _main_round(session, plan, r, suppressed, rounds, ctx, cache, folder: Path) 
         "layers_with_recruits": len({layer for x in selected for layer in session.basis.layers_of(
             session.basis.unit_from_json(x["unit"]))}),
     })
+    if session.cfg.chain.get("faithfulness"):   # circuits: are this round's recruits a circuit of the task?
+        from ..circuits.faithfulness import chain_round_faithfulness
+        m.update(chain_round_faithfulness(session, _units(session, [x["unit"] for x in selected])))
     rec = result.record()
     rec["recruits"] = {"method": plan.method, "selected": selected, "top": result.recruits}
     with io.staged_dir(folder) as tmp:                     # appears only when complete
