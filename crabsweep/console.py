@@ -191,9 +191,10 @@ def print_discover(found, run_dir: Path) -> None:
     c = found.circuit
     console = _console(110)
     m = c.meta
+    metric = f"; mean {m['metric']} {c.total_logit_diff:.4f}" if m["method"] == "relp" else ""
     console.print(f"{m['method']} circuit: {len(c)} entries, {len(c.units())} units ({m['granularity']}, positions "
-                  f"{m['positions']}, {m['selection']['select']}); metric {c.total_logit_diff:.4f}"
-                  + (f"; {len(found.excluded)} units excluded" if found.excluded else ""), markup=False)
+                  f"{m['positions']}, {m['selection']['select']}){metric}; layers {m['skip_layers']} skipped"
+                  + (f", {len(found.excluded)} units excluded" if found.excluded else ""), markup=False)
     table = Table(title="top entries")
     for col in ("layer", "position", "unit", "score"):
         table.add_column(col, justify="right")

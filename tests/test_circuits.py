@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import crabsweep as cs
-from crabsweep.circuits.circuit import Circuit
+from crabsweep.circuits.circuit import Circuit, load_source
 from crabsweep.circuits.config import options
 from crabsweep.circuits.discover import contrastive, discover, relp
 from crabsweep.circuits.edges import Graph, edges
@@ -220,6 +220,43 @@ def test_relp_scores_match_a_hand_computation(session):
     torch.testing.assert_close(first.scores[1][1:], by_hand[0][0][1][1:], rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("granularity, site, hook", [
+    ("attention_head", lambda arch, layer: arch.o_proj_of(layer), "pre"),
+    ("residual_dim", lambda arch, layer: layer, "post"),
+])
+def test_relp_on_other_granularities(pset, granularity, site, hook):
+    s = cs.load_session(*_tiny(pset), f"suppression={granularity}", command="discover")
+    arch, acts = s.loaded.arch, {}
+    layers = arch.decoder_layers(s.model)
+    if hook == "pre":
+        hooks = [site(arch, l).register_forward_pre_hook(lambda m, a, g=g: acts.__setitem__(g, a[0]) or a[0].retain_grad())
+                 for g, l in enumerate(layers)]
+    else:
+        hooks = [site(arch, l).register_forward_hook(lambda m, a, o, g=g: acts.__setitem__(g, o[0] if isinstance(o, tuple)
+                                                                                       else o) or acts[g].retain_grad())
+                 for g, l in enumerate(layers)]
+    x = encode(s, ["ab cd"], False)[0]
+    target = s.tokenizer.encode("e", add_special_tokens=False)[0]
+    with s.adapter.disabled(), linearized(s.model, arch), torch.enable_grad():
+        emb = s.model.get_input_embeddings()(x[None]).detach().requires_grad_(True)
+        logits = s.model(inputs_embeds=emb).logits[0, -1]
+        order = logits.argsort(descending=True).tolist()
+        cf = order[1] if order[0] == target else order[0]
+        (logits[target] - logits[cf]).backward()
+    for h in hooks:
+        h.remove()
+    attr = relp(s, options(s.cfg, "discover", {"skip_positions": "none"}), [Item("ab cd", "e")], False)
+    for g in range(2):
+        prod = (acts[g].grad[0] * acts[g].detach()[0]).double()
+        expect = prod.reshape(len(x), s.basis.sizes[g], s.basis.unit_dim).sum(-1)
+        torch.testing.assert_close(attr.scores[g], expect, rtol=1e-4, atol=1e-7)
+    found = discover(s, k=5)
+    assert len(found.circuit) == 5 and found.circuit.meta["granularity"] == granularity
+    s.basis.check(found.circuit.units())
+    one = steer(s, found.circuit, multipliers=[1.0], random_controls=0)
+    assert one["rows"][0]["generations"] == one["baseline"]["generations"]
+
+
 def test_contrastive_is_the_mean_activation_difference(session):
     acts = {}
     hooks = [site.register_forward_pre_hook(lambda m, args, g=g: acts.__setitem__(g, args[0][0, -1].double()))
@@ -331,6 +368,24 @@ def test_caa_adds_the_mean_residual_difference(session):
     torch.testing.assert_close(seen[0], before + 2.5 * caa.vector, rtol=1e-5, atol=1e-5)
 
 
+def test_steer_writes_records_and_mirrors_them_to_the_tracker(session, tmp_path):
+    calls = []
+
+    class Recorder:
+        def log_sweep(self, name, rows, x, images, summary):
+            calls.append((name, rows, x, images))
+
+        def finish(self, chain, state="finished"):
+            calls.append(("finish", chain))
+    circuit = Circuit({(0, -1, 3): 1.0, (1, -1, 5): -1.0}, meta={"positions": "last"})
+    steer(session, circuit, tmp_path / "s", tracker=Recorder(), multipliers=[0.0, 2.0], random_controls=1)
+    (name, rows, x, images), finish = calls
+    assert name == "steer" and x == "value" and [r["value"] for r in rows] == [0.0, 2.0] and finish[0] == "finish"
+    assert "units/target_prob" in rows[0] and "units/random_target_prob" in rows[0] and images["steer"].exists()
+    with pytest.raises(UserError, match="steer.json exists"):
+        steer(session, circuit, tmp_path / "s")
+
+
 # -- faithfulness ---------------------------------------------------------------------------------------
 def test_faithfulness_of_everything_is_one_and_of_nothing_zero(session):
     everything = Circuit.from_units(session.basis.units())
@@ -396,7 +451,7 @@ def test_chain_round_faithfulness(session):
     assert some["faithfulness_f_model"] == full["faithfulness_f_model"]
 
 
-def test_chain_records_faithfulness_per_round(tmp_path, pset):
+def test_chain_records_faithfulness_per_round_and_its_sets_steer(tmp_path, pset):
     s = cs.load_session(*_tiny(pset), "chain.rounds=1", "k.k=2", "train.epochs=1", "chain.control=none",
                         "chain.faithfulness=true", "eval.max_new_tokens=2")
     chain = cs.run_chain(s, tmp_path / "chain")
@@ -405,6 +460,17 @@ def test_chain_records_faithfulness_per_round(tmp_path, pset):
     rec = chain.record["rounds"][1]
     units = [Unit(x["unit"]["layer"], x["unit"]["index"]) for x in rec["recruits"]["selected"]]
     assert math.isclose(rec["metrics"]["faithfulness"], chain_round_faithfulness(s, units)["faithfulness"])
+    # a chain round's recruits or suppressed set is a unit set to steer with
+    assert load_source(tmp_path / "chain", s.basis, "recruits").units() == units
+    assert load_source(tmp_path / "chain", s.basis, "suppressed", 1).units() == \
+        [Unit(u["layer"], u["index"]) for u in rec["suppressed"]]
+    assert load_source(tmp_path / "chain" / "round_0", s.basis).units() == \
+        [Unit(x["unit"]["layer"], x["unit"]["index"]) for x in chain.record["rounds"][0]["recruits"]["selected"]]
+    result = steer(s, tmp_path / "chain", multipliers=[0.0], random_controls=1, round=1,
+                   suppress=str(tmp_path / "chain" / "round_1"))
+    assert result["units"] == 2 and result["suppressed"] == 2
+    with pytest.raises(UserError, match="rounds 0..1"):
+        steer(s, tmp_path / "chain", round=5)
 
 
 # -- edges ----------------------------------------------------------------------------------------------

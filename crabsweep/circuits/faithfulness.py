@@ -112,11 +112,13 @@ def _table(by_back: dict, overall: list[torch.Tensor], t: int) -> list[torch.Ten
             for g in range(len(overall))]
 
 
-def _ranking(session, source, dcfg_overrides) -> tuple[list, dict]:
+def _ranking(session, source) -> tuple[list, dict]:
     if source is None:
-        source = discover(session, **dcfg_overrides)
+        source = discover(session)
     if isinstance(source, Discovery):
-        scores = source.attribution.unit_scores()
+        scores = source.attribution.unit_scores()          # what the discovery could select: skipped layers and
+        for g in source.circuit.meta.get("skip_layers", []):   # excluded units are not attributed
+            scores[g].zero_()
         for g, i in source.excluded:
             scores[g][i] = 0.0
         flat = [(g, i, float(v)) for g, s in enumerate(scores) for i, v in enumerate(s.tolist()) if v != 0.0]
@@ -137,7 +139,7 @@ def faithfulness(session, source=None, out_dir: str | Path | None = None, prompt
     items = [i for i in ps.items if i.target]
     if not items:
         raise UserError(f"prompt set '{ps.name}' has no prompts with targets; faithfulness needs prompt + target")
-    ranking, meta = _ranking(session, source, {})
+    ranking, meta = _ranking(session, source)
     paired = fcfg.patch == "auto" and bool(ps.patch)
     by_back, overall = position_means(session, ps.patch if paired else [i.prompt for i in items], ps.chat)
     tok = session.tokenizer

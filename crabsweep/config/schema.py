@@ -21,6 +21,7 @@ from ..circuits.config import CircuitConfig, DiscoverConfig, EdgesConfig, Faithf
 from ..errors import UserError
 
 Finite = Field(allow_inf_nan=False)
+CIRCUIT_COMMANDS = ("discover", "steer", "faithfulness", "edges", "repl")
 
 
 class _M(BaseModel):
@@ -187,10 +188,11 @@ def validate(cfg: DictConfig) -> None:
             raise _fail(e, group) from None
     method, basis, adapter = entries["attribution"], entries["suppression"], entries["adapter"]
     gran, mode = plain["suppression"]["granularity"], plain["suppression"]["mode"]
-    if method.granularities is not None and gran not in method.granularities:
+    uses_method = plain["command"] not in CIRCUIT_COMMANDS          # the circuit commands train nothing
+    if uses_method and method.granularities is not None and gran not in method.granularities:
         raise UserError(f"attribution={method.name} is not defined for suppression={gran}; choose one of "
                         f"{', '.join(e.name for e in _methods_for(gran, adapter.name))}")
-    if method.adapters is not None and adapter.name not in method.adapters:
+    if uses_method and method.adapters is not None and adapter.name not in method.adapters:
         raise UserError(f"attribution={method.name} needs adapter={' or '.join(method.adapters)}, not "
                         f"adapter={adapter.name}; choose another attribution or adapter")
     if plain["chain"].get("faithfulness") and gran == "moe_expert":
