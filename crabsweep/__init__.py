@@ -6,6 +6,7 @@
     chain.rounds, chain.recruits                                    # pandas DataFrames
     with session.intervene(session.mask([(0, 3)]), cs.Scale([(1, 5)], 4.0)):
         ...                                                          # suppress and steer in one scope
+    found = cs.discover(session, out_dir="runs/capitals")           # circuits: discover, steer, faithfulness, edges
 
 The names below are imported on first use (PEP 562), so `import crabsweep` stays cheap.
 """
@@ -23,6 +24,8 @@ _EXPORTS = {
     "Mask": "core.interventions", "Scale": "core.interventions", "Add": "core.interventions",
     "IGPath": "core.interventions",
     "UserError": "errors",
+    "discover": "circuits.discover", "steer": "circuits.steer", "faithfulness": "circuits.faithfulness",
+    "edges": "circuits.edges", "Circuit": "circuits.circuit",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -203,6 +203,60 @@ def cmd_ensemble(ctx: Context) -> int:
     return 0
 
 
+def _circuit_run(ctx: Context, job: str, fn) -> int:
+    """Compose, own the run dir, save the config, call `fn(session, run_dir, tracker)` → what to print."""
+    from .api import chain_config
+    from .circuits.report import check_fresh
+    from .config import save_config
+    from .io import owned_run_dir
+    from .track.wandb import make_tracker
+    cfg = ctx.compose()
+    check_fresh(ctx.run_dir, job)
+    with owned_run_dir(ctx.run_dir) as run_dir:
+        console.setup_logging(run_dir)
+        save_config(cfg, ctx.overrides, run_dir)
+        session = ctx.session()
+        tracker = None
+        if job in ("steer", "faithfulness"):
+            tracker = make_tracker(cfg, name=run_dir.name, group=cfg.tracker.get("group") or "circuits", job_type=job,
+                                   config=chain_config(cfg), directory=Path(cfg.tracker.dir or run_dir))
+        shown = fn(session, run_dir, tracker)
+    getattr(console, f"print_{job}")(shown, run_dir)
+    return 0
+
+
+def cmd_discover(ctx: Context) -> int:
+    from .circuits.discover import discover
+    return _circuit_run(ctx, "discover", lambda s, out, _t: discover(s, out_dir=out))
+
+
+def cmd_steer(ctx: Context) -> int:
+    from .circuits.steer import steer
+    return _circuit_run(ctx, "steer", lambda s, out, t: steer(s, ctx.paths[0] if ctx.paths else None, out, tracker=t))
+
+
+def cmd_faithfulness(ctx: Context) -> int:
+    from .circuits.faithfulness import faithfulness
+    return _circuit_run(ctx, "faithfulness",
+                        lambda s, out, t: faithfulness(s, ctx.paths[0] if ctx.paths else None, out, tracker=t))
+
+
+def cmd_edges(ctx: Context) -> int:
+    from .circuits.edges import edges
+    return _circuit_run(ctx, "edges", lambda s, out, _t: edges(s, ctx.paths[0], out))
+
+
+def cmd_repl(ctx: Context) -> int:
+    from .circuits.repl import Repl
+    ctx.compose()
+    console.setup_logging(None)
+    shell = Repl(ctx.session())
+    if ctx.paths:
+        shell.onecmd(f"load {ctx.paths[0]}")
+    shell.cmdloop()
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
     "round": Command("one Crab Step round: train under `round.suppress`, rank recruits", cmd_round, multirun=True),
     "chain": Command("rounds 0..N, each suppressing the previous top-K; control, trajectory; resumable", cmd_chain,
@@ -218,4 +272,14 @@ COMMANDS: dict[str, Command] = {
     "reproduce": Command("re-run a chain from its saved config and compare the records", cmd_reproduce, (1, 2),
                          "<run dir> [out dir]"),
     "ensemble": Command("combine a chain's round adapters; study their weights", cmd_ensemble, (1, 1), "<chain dir>"),
+    "discover": Command("find a circuit: RelP on prompts + targets, or contrastive; circuit.json + units.json",
+                        cmd_discover, multirun=True),
+    "steer": Command("generate with a circuit / unit set / chain round scaled by each multiplier (or CAA); "
+                     "behaviour vs quality", cmd_steer, (0, 1), "[circuit.json | units.json | chain or round dir]",
+                     multirun=True),
+    "faithfulness": Command("faithfulness and completeness of a circuit over circuit sizes (mean ablation)",
+                            cmd_faithfulness, (0, 1), "[circuit.json | units.json]", multirun=True),
+    "edges": Command("unit-to-unit edges inside a circuit: layer flow, hubs, bottlenecks, super weights, DOT",
+                     cmd_edges, (1, 1), "<circuit.json>"),
+    "repl": Command("explore circuits interactively (or a script on stdin)", cmd_repl, (0, 1), "[circuit.json]"),
 }

@@ -17,9 +17,11 @@ from typing import Annotated, Any, Literal
 from omegaconf import DictConfig, OmegaConf
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ..circuits.config import CircuitConfig, DiscoverConfig, EdgesConfig, FaithfulnessConfig, SteerConfig
 from ..errors import UserError
 
 Finite = Field(allow_inf_nan=False)
+CIRCUIT_COMMANDS = ("discover", "steer", "faithfulness", "edges", "repl")
 
 
 class _M(BaseModel):
@@ -91,6 +93,7 @@ class ChainConfig(_M):
     recruit_audit: bool = True
     gate: GateConfig
     objective: ChainObjective
+    faithfulness: bool = False
     stop: StopConfig
     classify: ClassifyConfig
 
@@ -137,6 +140,11 @@ class RootConfig(_M):
     k: dict
     tracker: dict
     sweep: dict
+    circuit: CircuitConfig
+    discover: DiscoverConfig
+    steer: SteerConfig
+    faithfulness: FaithfulnessConfig
+    edges: EdgesConfig
 
 
 def _registries() -> dict[str, tuple[Any, str]]:
@@ -191,12 +199,16 @@ def validate(cfg: DictConfig) -> None:
             raise _fail(e, group) from None
     method, basis, adapter = entries["attribution"], entries["suppression"], entries["adapter"]
     gran, mode = plain["suppression"]["granularity"], plain["suppression"]["mode"]
-    if method.granularities is not None and gran not in method.granularities:
+    uses_method = plain["command"] not in CIRCUIT_COMMANDS          # the circuit commands train nothing
+    if uses_method and method.granularities is not None and gran not in method.granularities:
         raise UserError(f"attribution={method.name} is not defined for suppression={gran}; choose one of "
                         f"{', '.join(e.name for e in _methods_for(gran, adapter.name))}")
-    if method.adapters is not None and adapter.name not in method.adapters:
+    if uses_method and method.adapters is not None and adapter.name not in method.adapters:
         raise UserError(f"attribution={method.name} needs adapter={' or '.join(method.adapters)}, not "
                         f"adapter={adapter.name}; choose another attribution or adapter")
+    if plain["chain"].get("faithfulness") and gran == "moe_expert":
+        raise UserError("chain.faithfulness mean-ablates per-token features; suppression=moe_expert has none "
+                        "(set chain.faithfulness=false)")
     if mode not in basis.obj.modes:
         raise UserError(f"suppression.mode={mode} is not defined for suppression={gran}; choose one of "
                         f"{', '.join(basis.obj.modes)}")

@@ -4,7 +4,7 @@ An observer is a tap `tap(group, x, a)` given every site's features `x` (which c
 a hook on it) and their detached activation `a`. `Session.observe(tap)` scopes it like an intervention;
 inside `Session.intervene(...)` it sees the intervened features.
 
-  Capture          keeps the last forward's activations per group (detached)
+  Capture          keeps the last forward's activations per group (detached, or with their graph)
   GradientProduct  accumulates weight · Σ_tokens a·∂M/∂a per unit (RelP, integrated gradients, edges)
 and the helpers every method shares: `mean_activations` over chosen positions of examples, and
 `prompt_examples` (prompts as examples, chat-formatted or raw).
@@ -20,13 +20,15 @@ from .tasks import Example, Sample, collate, render
 
 
 class Capture:
-    """Tap that keeps the latest activations of every group (detached, on their device)."""
+    """Tap that keeps the latest activations of every group (on their device): detached, or with
+    `graph=True` the features themselves, so `torch.autograd.grad(M, [acts[g] …])` gives ∂M/∂x."""
 
-    def __init__(self):
+    def __init__(self, graph: bool = False):
+        self.graph = graph
         self.acts: dict[int, torch.Tensor] = {}
 
     def __call__(self, group: int, x: torch.Tensor, a: torch.Tensor) -> None:
-        self.acts[group] = a
+        self.acts[group] = x if self.graph else a
 
 
 class GradientProduct:

@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 
 # Config subtrees a Session does not depend on: they change between rounds/chains of one session.
 SESSION_DENY = ("command", "seed", "train", "eval", "round", "chain", "k", "attribution", "sweep", "tracker",
-                "ensemble", "suppression.mode", "suppression.scale", "launcher")
+                "ensemble", "suppression.mode", "suppression.scale", "launcher", "circuit", "discover", "steer",
+                "faithfulness", "edges")
 
 
 def config_key(cfg, deny, extra: dict | None = None) -> str:

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 ROUND_CODE_VERSION = "3"
 ROUND_DENY = ("command", "sweep", "tracker", "ensemble", "chain", "k", "round.suppress", "attribution", "seed",
-              "launcher", "hydra")
+              "launcher", "hydra", "circuit", "discover", "steer", "faithfulness", "edges")
 PACKAGES = ("crabsweep", "torch", "transformers", "peft")
 
 

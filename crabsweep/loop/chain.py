@@ -177,6 +177,9 @@ def _main_round(session, plan, r, suppressed, rounds, cache, folder: Path) -> di
             session.basis.unit_from_json(x["unit"]))}),
         "generation_similarity": similarity(round0["generations"], result.generations) if round0 else None,
     })
+    if session.cfg.chain.get("faithfulness"):   # circuits: are this round's recruits a circuit of the task?
+        from ..circuits.faithfulness import chain_round_faithfulness
+        m.update(chain_round_faithfulness(session, _units(session, [x["unit"] for x in selected])))
     rec = result.record()
     rec["recruits"] = {"method": plan.method, "selected": selected, "top": result.recruits}
     if session.cfg.chain.get("recruit_audit"):

@@ -50,12 +50,12 @@ def eval_loss(session, examples: list[Example], batch_size: int | None = None) -
 
 
 @torch.no_grad()
-def generate(session, examples: list[Example], max_new_tokens: int) -> list[str]:
-    """Greedy continuation of each example's prompt, one at a time (exact, no padding effects)."""
+def generate_ids(session, examples: list[Example], max_new_tokens: int) -> list[torch.Tensor]:
+    """Greedy continuation (new token ids, CPU) of each example's prompt, one at a time (exact, no padding)."""
     model, tok = session.model, session.tokenizer
     was_training = model.training
     model.eval()
-    texts = []
+    outs = []
     bar = tqdm(total=len(examples) * max_new_tokens, desc="generating", unit="tok", leave=False, disable=None,
                delay=0.5)
     for i, e in enumerate(examples):
@@ -63,11 +63,17 @@ def generate(session, examples: list[Example], max_new_tokens: int) -> list[str]
         with session.precision():
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                  do_sample=False, pad_token_id=tok.pad_token_id, streamer=_TokenBar(bar))
-        texts.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+        outs.append(out[0, ids.shape[1]:].cpu())
         bar.update((i + 1) * max_new_tokens - bar.n)            # an early end of text counts as done
     bar.close()
     model.train(was_training)
-    return texts
+    return outs
+
+
+def generate(session, examples: list[Example], max_new_tokens: int) -> list[str]:
+    """Greedy continuation of each example's prompt, one at a time (exact, no padding effects)."""
+    return [session.tokenizer.decode(ids, skip_special_tokens=True)
+            for ids in generate_ids(session, examples, max_new_tokens)]
 
 
 class _TokenBar:

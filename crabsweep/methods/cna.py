@@ -34,10 +34,12 @@ class CNAConfig(MethodConfig):
 
 
 def signed_delta(session, acfg) -> list[torch.Tensor]:
-    """Per-feature signed mean difference (positive − negative, or adapted − base)."""
+    """Per-feature signed mean difference (positive − negative, or adapted − base); the prompt lists are
+    chat-formatted unless `acfg["chat"]` is false."""
     if acfg.get("positive") and acfg.get("negative"):
-        pos = mean_activations(session, prompt_examples(session, list(acfg.positive)), "last", adapter=False)
-        neg = mean_activations(session, prompt_examples(session, list(acfg.negative)), "last", adapter=False)
+        chat = bool(acfg.get("chat", True))
+        pos = mean_activations(session, prompt_examples(session, list(acfg["positive"]), chat), "last", adapter=False)
+        neg = mean_activations(session, prompt_examples(session, list(acfg["negative"]), chat), "last", adapter=False)
     else:
         which = acfg.get("positions", "target")
         pos = mean_activations(session, session.task.train, which, adapter=True)

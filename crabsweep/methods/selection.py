@@ -132,16 +132,17 @@ def select(scores: list[torch.Tensor], suppressed: set, kcfg, round_index: int, 
     return [{"unit": x["unit"], "score": float(scores[x["unit"]["layer"]][x["unit"]["index"]])} for x in picked]
 
 
-def matched_random(suppressed: list, sizes: list[int], seed: int) -> list[Unit]:
-    """Per group, as many uniformly random units outside `suppressed` as `suppressed` has there."""
+def matched_random(suppressed: list, sizes: list[int], seed: int, avoid=()) -> list[Unit]:
+    """Per group, as many uniformly random units outside `suppressed` (and `avoid`) as `suppressed` has there."""
     g = generator(seed)
     by_group: dict[int, set[int]] = {}
     for group, index in suppressed:
         by_group.setdefault(group, set()).add(index)
+    avoided = {(int(a), int(b)) for a, b in avoid}
     out: list[Unit] = []
     for group in sorted(by_group):
         taken = by_group[group]
-        pool = torch.tensor([i for i in range(sizes[group]) if i not in taken])
+        pool = torch.tensor([i for i in range(sizes[group]) if i not in taken and (group, i) not in avoided])
         if len(pool) < len(taken):
             raise UserError(f"layer {group} has too few free units for a matched random control; lower K "
                             "or set chain.control=none")

@@ -216,6 +216,19 @@ class WandbTracker:
         self.evaluation_rows.append([index, row["kind"], str(row["weights"]), row.get("heldout_loss", row.get("train_loss")), row["task_score"],
                                      row["degeneracy"], row["texts"][0] if row["texts"] else ""])
 
+    # -- circuits (steer / faithfulness sweeps) ----------------------------------------------------------
+    def log_sweep(self, name: str, rows: list[dict], x: str, images: dict[str, Path], summary: dict) -> None:
+        self._guard(self._log_sweep, name, rows, x, images, summary)
+
+    def _log_sweep(self, name, rows, x, images, summary) -> None:
+        import wandb
+        self.run.define_metric(f"{name}/{x}")
+        self.run.define_metric(f"{name}/*", step_metric=f"{name}/{x}")
+        for row in rows:
+            self.run.log(_scalars(row, f"{name}/"))
+        self.run.log({k: wandb.Image(str(p)) for k, p in images.items() if p.exists()})
+        self.run.summary.update({k: v for k, v in summary.items() if v is not None})
+
     def finish(self, chain: dict | None, state: str = "finished") -> None:
         if self.state["finished"] and self.run is None:
             return                                  # a re-run of a finished, fully logged chain
