@@ -27,8 +27,17 @@ class _M(BaseModel):
 
 
 class UnitRef(_M):
-    layer: int = Field(ge=0)
-    index: int = Field(ge=0)
+    """{layer, index} — or, for dictionary features, {dictionary, feature}."""
+    layer: int | None = Field(None, ge=0)
+    index: int | None = Field(None, ge=0)
+    dictionary: str | None = None
+    feature: int | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _one_form(self):
+        if (self.layer is None or self.index is None) == (self.dictionary is None or self.feature is None):
+            raise ValueError("a unit is {layer: int, index: int} or {dictionary: name, feature: int}")
+        return self
 
 
 class TrainConfig(_M):
@@ -126,6 +135,7 @@ class RootConfig(_M):
     k: dict
     tracker: dict
     sweep: dict
+    dictionary: dict
 
 
 def _registries() -> dict[str, tuple[Any, str]]:
@@ -141,9 +151,10 @@ def _registries() -> dict[str, tuple[Any, str]]:
 
 def _models() -> dict[str, type[BaseModel]]:
     from ..core.tasks import TaskConfig
+    from ..dictionary.config import DictionaryConfig
     from ..sweep.config import SweepConfig
     from ..track.wandb import TrackerConfig
-    return {"task": TaskConfig, "tracker": TrackerConfig, "sweep": SweepConfig}
+    return {"task": TaskConfig, "tracker": TrackerConfig, "sweep": SweepConfig, "dictionary": DictionaryConfig}
 
 
 def _fail(e: ValidationError, prefix: str = "") -> UserError:

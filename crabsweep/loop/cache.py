@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 ROUND_CODE_VERSION = "2"
 ROUND_DENY = ("command", "sweep", "tracker", "ensemble", "chain", "k", "round.suppress", "attribution", "seed",
-              "launcher", "hydra")
+              "launcher", "hydra", "dictionary")
 PACKAGES = ("crabsweep", "torch", "transformers", "peft")
 
 
@@ -45,6 +45,9 @@ def round_key(session, suppressed, seed: int, generations: bool) -> str:
              "device": str(session.device), "dtype": str(session.loaded.dtype),
              "suppressed": sorted([list(map(int, u)) for u in set(map(tuple, suppressed))]),
              "seed": int(seed), "generations": bool(generations)}
+    basis = getattr(session.basis, "fingerprint", None)          # e.g. a dictionary's weight files
+    if basis:
+        extra["basis"] = basis
     return config_key(session.cfg, ROUND_DENY, extra)
 
 

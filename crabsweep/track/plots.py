@@ -11,8 +11,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def plot_chain(chain: dict, rounds: list[dict], sizes: list[int], path: str | Path) -> None:
-    """`rounds`: the full round records (with loss curves)."""
+def plot_chain(chain: dict, rounds: list[dict], sizes: list[int], path: str | Path, group_of=None) -> None:
+    """`rounds`: the full round records (with loss curves); `group_of(unit json)` → its group (default: layer)."""
+    group_of = group_of or (lambda u: u["layer"])
     fig, ax = plt.subplots(2, 2, figsize=(12, 8))
     for rec in rounds:
         ax[0, 0].plot([p["loss"] for p in rec["loss_curve"]], label=f"round {rec['round']}")
@@ -22,9 +23,10 @@ def plot_chain(chain: dict, rounds: list[dict], sizes: list[int], path: str | Pa
     heat = np.zeros((len(rounds), len(sizes)))
     for i, rec in enumerate(rounds):
         for x in rec["recruits"]["selected"]:
-            heat[i, x["unit"]["layer"]] += 1
+            heat[i, group_of(x["unit"])] += 1
     im = ax[0, 1].imshow(heat, aspect="auto", cmap="viridis", interpolation="nearest")
-    ax[0, 1].set(title="recruits per layer", xlabel="layer", ylabel="round", yticks=range(len(rounds)))
+    what = "dictionary" if chain["config"].get("granularity") == "dictionary_feature" else "layer"
+    ax[0, 1].set(title=f"recruits per {what}", xlabel=what, ylabel="round", yticks=range(len(rounds)))
     fig.colorbar(im, ax=ax[0, 1])
 
     idx = [rec["round"] for rec in rounds]

@@ -106,7 +106,7 @@ class WandbTracker:
         recruits = rec["recruits"]
         for method, ranked in recruits.get("top", recruits).items():
             if isinstance(ranked, list):
-                self.recruit_rows += [[r, x["unit"]["layer"], x["unit"]["index"], x["score"], method,
+                self.recruit_rows += [[r, *_unit_columns(x["unit"]), x["score"], method,
                                        method == recruits.get("method") and x in recruits.get("selected", [])]
                                       for x in ranked]
         self.generation_rows += [[r, g["id"], g["prompt"], g["text"], g["mask"], g["score"]]
@@ -166,3 +166,8 @@ def make_tracker(cfg, *, name: str, group: str, job_type: str, config: dict, dir
         return NullTracker()
     return WandbTracker(cfg.tracker, name=name, group=group, job_type=job_type, config=config,
                         directory=directory, adapters_from=adapters_from)
+
+
+def _unit_columns(u: dict) -> tuple:
+    """(layer, index) of a unit's JSON — for dictionary features (dictionary name, feature)."""
+    return (u["layer"], u["index"]) if "layer" in u else (u.get("dictionary"), u.get("feature"))
