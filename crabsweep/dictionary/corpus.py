@@ -64,15 +64,19 @@ def generated(loaded, ccfg, seed: int) -> list[list[int]]:
     out: list[list[int]] = []
     bs = int(ccfg.batch_size)
     g = torch.Generator(device="cpu").manual_seed(seed)
+    log.info("generating the corpus: %d prompts × %d samples × ≤ %d tokens (cached afterwards in %s)",
+             len(prompts), n, new, path.parent)
     for i in tqdm(range(0, len(rows), bs), desc="generating corpus", leave=False, disable=None):
+        log.info("corpus batch %d/%d", i // bs + 1, -(-len(rows) // bs))
         chunk = rows[i:i + bs]
         width = max(map(len, chunk))
         ids = torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in chunk])     # left padding
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in chunk])
-        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))            # sampling is seeded
-        gen = model.generate(input_ids=ids.to(loaded.device), attention_mask=mask.to(loaded.device),
-                             max_new_tokens=new, do_sample=True, temperature=float(ccfg.temperature), top_k=0,
-                             top_p=1.0, pad_token_id=tok.pad_token_id)[:, width:].cpu()
+        with torch.random.fork_rng(devices=[]):                  # sampling is seeded, the global RNG untouched
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
+            gen = model.generate(input_ids=ids.to(loaded.device), attention_mask=mask.to(loaded.device),
+                                 max_new_tokens=new, do_sample=True, temperature=float(ccfg.temperature), top_k=0,
+                                 top_p=1.0, pad_token_id=tok.pad_token_id)[:, width:].cpu()
         for r, answer in zip(chunk, gen.tolist()):
             if tok.eos_token_id in answer:
                 answer = answer[:answer.index(tok.eos_token_id) + 1]

@@ -95,6 +95,8 @@ def train_topk(X: torch.Tensor, site_list, width: int, k: int, steps: int, batch
             history.append({"step": step, "fvu": fvu.item(), "l0": float((f > 0).sum(-1).float().mean()),
                             "dead": n_dead / width, "lr": sched.get_last_lr()[0]})
             bar.set_postfix(fvu=f"{fvu.item():.3f}", dead=n_dead)
+            if progress and step % 200 == 0:
+                log.info("%s step %d/%d: batch FVU %.4f, dead %d", name, step, steps, fvu.item(), n_dead)
     with torch.no_grad():                                   # fold the input scale: the dictionary reads raw x
         s = scale[:, None]
         dic = Dictionary(name, tuple(site_list), (W_enc * s[..., None]).detach(), b_enc.detach().clone(),
