@@ -96,7 +96,7 @@ class DictionaryFeatures(Basis):
             raise UserError(f"suppression.path needs one or more dictionaries with distinct folder names, got {names}")
         n_layers = len(loaded.arch.decoder_layers(loaded.model))
         hidden = text_config(loaded.model.config).hidden_size
-        for g, d in enumerate(self.dictionaries):
+        for d in self.dictionaries:
             if d.d != hidden or max(d.layers) >= n_layers:
                 raise UserError(f"dictionary {d.name} reads width {d.d} at layers {list(d.layers)}, but the model has "
                                 f"width {hidden} and {n_layers} layers; it was made for another model")
