@@ -131,7 +131,9 @@ def cmd_round(ctx: Context) -> int:
         console.setup_logging(run_dir)
         save_config(cfg, ctx.overrides, run_dir)
         session = ctx.session()
-        suppressed = session.basis.check([(u.layer, u.index) for u in cfg.round.suppress], "round.suppress unit")
+        from omegaconf import OmegaConf
+        suppressed = session.basis.check([session.basis.unit_from_json(OmegaConf.to_container(u))
+                                          for u in cfg.round.suppress], "round.suppress unit")
         result = run_round(session, suppressed, index=0)
         out = save_round(result, session, run_dir / "round_0")
     console.print_round(result, out)
@@ -257,6 +259,37 @@ def cmd_repl(ctx: Context) -> int:
     return 0
 
 
+def cmd_dictionary(ctx: Context) -> int:
+    """train [out folder] | compare | info <folder>: sparse dictionaries (SAEs, crosscoders)."""
+    action, rest = str(ctx.paths[0]), ctx.paths[1:]
+    if action == "info":
+        from .dictionary.formats import load_dictionary
+        if not rest:
+            raise UserError("dictionary info takes a folder: crabsweep dictionary info <folder>")
+        console.print_dictionary_info(load_dictionary(rest[0]))
+        return 0
+    if action not in ("train", "compare"):
+        raise UserError(f"unknown dictionary action '{action}'; use train, compare or info")
+    cfg = ctx.compose()
+    if action == "train":
+        from .core.models import load_model
+        from .dictionary.train import train_dictionary
+        console.setup_logging(None)
+        loaded = load_model(cfg.model, cfg.device, cfg.dtype, cfg.attn_implementation)
+        folder, record = train_dictionary(loaded, cfg.dictionary.train, rest[0] if rest else None)
+        console.print_dictionary_training(folder, record)
+        return 0
+    from .config import save_config
+    from .dictionary.compare import compare
+    from .io import owned_run_dir
+    with owned_run_dir(ctx.run_dir, complete=lambda p: (p / "compare.json").exists()) as run_dir:
+        console.setup_logging(run_dir)
+        save_config(cfg, ctx.overrides, run_dir)
+        record = compare(ctx.session(), cfg.dictionary.compare, run_dir)
+    console.print_compare(record, run_dir)
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
     "round": Command("one Crab Step round: train under `round.suppress`, rank recruits", cmd_round, multirun=True),
     "chain": Command("rounds 0..N, each suppressing the previous top-K; control, trajectory; resumable", cmd_chain,
@@ -282,4 +315,6 @@ COMMANDS: dict[str, Command] = {
     "edges": Command("unit-to-unit edges inside a circuit: layer flow, hubs, bottlenecks, super weights, DOT",
                      cmd_edges, (1, 1), "<circuit.json>"),
     "repl": Command("explore circuits interactively (or a script on stdin)", cmd_repl, (0, 1), "[circuit.json]"),
+    "dictionary": Command("sparse dictionaries: train an SAE / crosscoder, compare the three feature ablations, "
+                          "inspect a folder", cmd_dictionary, (1, 2), "train [out folder] | compare | info <folder>"),
 }

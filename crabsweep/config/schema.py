@@ -29,8 +29,17 @@ class _M(BaseModel):
 
 
 class UnitRef(_M):
-    layer: int = Field(ge=0)
-    index: int = Field(ge=0)
+    """{layer, index} — or, for dictionary features, {dictionary, feature}."""
+    layer: int | None = Field(None, ge=0)
+    index: int | None = Field(None, ge=0)
+    dictionary: str | None = None
+    feature: int | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _one_form(self):
+        if (self.layer is None or self.index is None) == (self.dictionary is None or self.feature is None):
+            raise ValueError("a unit is {layer: int, index: int} or {dictionary: name, feature: int}")
+        return self
 
 
 class TrainConfig(_M):
@@ -145,6 +154,7 @@ class RootConfig(_M):
     steer: SteerConfig
     faithfulness: FaithfulnessConfig
     edges: EdgesConfig
+    dictionary: dict
 
 
 def _registries() -> dict[str, tuple[Any, str]]:
@@ -160,9 +170,10 @@ def _registries() -> dict[str, tuple[Any, str]]:
 
 def _models() -> dict[str, type[BaseModel]]:
     from ..core.tasks import TaskConfig
+    from ..dictionary.config import DictionaryConfig
     from ..sweep.config import SweepConfig
     from ..track.wandb import TrackerConfig
-    return {"task": TaskConfig, "tracker": TrackerConfig, "sweep": SweepConfig}
+    return {"task": TaskConfig, "tracker": TrackerConfig, "sweep": SweepConfig, "dictionary": DictionaryConfig}
 
 
 def _fail(e: ValidationError, prefix: str = "") -> UserError:

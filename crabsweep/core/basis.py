@@ -178,6 +178,8 @@ class Basis:
 
 def unit_from_json(d) -> Unit:
     """`{"layer": int, "index": int}` (or a [layer, index] pair) → Unit; floats or strings are refused."""
+    if isinstance(d, dict) and not {"layer", "index"} <= d.keys():
+        raise UserError(f"unit {d!r} is not a {{layer, index}} unit of this granularity; fix the unit list")
     g, i = (d["layer"], d["index"]) if isinstance(d, dict) else (d[0], d[1])
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in (g, i)):
         raise UserError(f"unit {d!r}: layer and index must be integers")

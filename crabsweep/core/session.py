@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 # Config subtrees a Session does not depend on: they change between rounds/chains of one session.
 SESSION_DENY = ("command", "seed", "train", "eval", "round", "chain", "k", "attribution", "sweep", "tracker",
                 "ensemble", "suppression.mode", "suppression.scale", "launcher", "circuit", "discover", "steer",
-                "faithfulness", "edges")
+                "faithfulness", "edges", "dictionary")
 
 
 def config_key(cfg, deny, extra: dict | None = None) -> str:
@@ -104,7 +104,8 @@ class Session:
             from .observers import as_prompt, mean_activations
             self._means = [m.float() for m in mean_activations(self, [as_prompt(e) for e in self.task.train],
                                                                  "all", adapter=False)]
-        return Mask(units, mode, float(s.get("scale", 0.0) if scale is None else scale),
+        scale = s.get("scale", 0.0) if scale is None else scale
+        return Mask(units, mode, scale if isinstance(scale, str) else float(scale),   # str: a dictionary's "auto"
                     self._means if mode == "mean" else None)
 
     @property

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 ROUND_CODE_VERSION = "3"
 ROUND_DENY = ("command", "sweep", "tracker", "ensemble", "chain", "k", "round.suppress", "attribution", "seed",
-              "launcher", "hydra", "circuit", "discover", "steer", "faithfulness", "edges")
+              "launcher", "hydra", "circuit", "discover", "steer", "faithfulness", "edges", "dictionary")
 PACKAGES = ("crabsweep", "torch", "transformers", "peft")
 
 
@@ -51,6 +51,9 @@ def round_key(session, suppressed, seed: int, generations: bool, mask_off: bool 
              "suppressed": sorted([list(map(int, u)) for u in set(map(tuple, suppressed))]),
              "seed": int(seed), "generations": bool(generations), "mask_off": mask_off,
              "collateral_text": _file_sha(session.cfg.eval.collateral_path)}
+    basis = getattr(session.basis, "fingerprint", None)          # e.g. a dictionary's weight files
+    if basis:
+        extra["basis"] = basis
     return config_key(session.cfg, ROUND_DENY, extra)
 
 

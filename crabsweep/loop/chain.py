@@ -53,7 +53,7 @@ class ChainPlan:
 def plan_chain(session) -> ChainPlan:
     """Check the inventory and K against the model before anything trains."""
     cfg = session.cfg
-    inventory = session.basis.check(load_units(cfg.chain.inventory) if cfg.chain.inventory else [],
+    inventory = session.basis.check(load_units(cfg.chain.inventory, session.basis) if cfg.chain.inventory else [],
                                     "chain.inventory unit")
     check_k(cfg.k, session.basis.sizes, len(inventory), int(cfg.chain.rounds))
     return ChainPlan(int(cfg.chain.rounds), tuple(inventory), cfg.attribution.name, cfg.chain.control, int(cfg.seed))
@@ -168,7 +168,7 @@ def _main_round(session, plan, r, suppressed, rounds, cache, folder: Path) -> di
     ratio = session.cfg.attribution.get("exclude_massive")
     excluded = set(suppressed) | (set(massive_units(session, float(ratio))) if ratio else set())
     selected = select(result.scores[plan.method], excluded, session.cfg.k, r,
-                      session.cfg.attribution.get("normalize", "none"))
+                      session.cfg.attribution.get("normalize", "none"), basis_json=session.basis.unit_json)
     m.update({
         "delta_loss": m["init_loss"] - m["final_loss"],
         "final_gap": m["final_loss"] - (round0["metrics"]["final_loss"] if round0 else m["final_loss"]),
@@ -249,5 +249,5 @@ def record_chain(session, plan, run_dir: Path, rounds: list[dict], stopped, cach
     if tracker is not None:
         tracker.finish(chain)
     from ..track.plots import plot_chain
-    plot_chain(chain, rounds, basis.sizes, run_dir / "chain.png")
+    plot_chain(chain, rounds, basis.sizes, run_dir / "chain.png", group_of=lambda u: basis.unit_from_json(u).group)
     return chain

@@ -69,7 +69,8 @@ def universal_units(session, top: int, fraction: float, texts: list[str] | None 
     return [(g, int(i)) for g, c in enumerate(counts) for i in (c >= fraction * len(texts)).nonzero().flatten()]
 
 
-@METHODS.register("cna", config=CNAConfig, kind="posthoc", granularities=("mlp_neuron", "attention_head", "residual_dim"),
+@METHODS.register("cna", config=CNAConfig, kind="posthoc",
+                  granularities=("mlp_neuron", "attention_head", "residual_dim", "dictionary_feature"),
                   adapters=None)
 def run(session, acfg, mask):
     signed = per_unit(session.basis, signed_delta(session, acfg))

@@ -104,7 +104,8 @@ class PerPosition:
         self.values[group] = prod.double().cpu()
 
 
-@METHODS.register("relp", config=RelPConfig, kind="posthoc", granularities=("mlp_neuron", "attention_head", "residual_dim"),
+@METHODS.register("relp", config=RelPConfig, kind="posthoc",
+                  granularities=("mlp_neuron", "attention_head", "residual_dim", "dictionary_feature"),
                   adapters=None)
 def run(session, acfg, mask):
     """Per unit over the train examples, M = Σ log p(target tokens): |Σ_positions a·∂M/∂a| (default), or

@@ -122,14 +122,17 @@ def check_k(kcfg, sizes: list[int], n_start: int, rounds: int) -> None:
                         f"units = {need} exceeds the {n_units} units available; lower K or chain.rounds")
 
 
-def select(scores: list[torch.Tensor], suppressed: set, kcfg, round_index: int, how: str = "none") -> list[dict]:
-    """The ranked `{unit, score}` list of units to add to S after this round (score: the raw score)."""
+def select(scores: list[torch.Tensor], suppressed: set, kcfg, round_index: int, how: str = "none",
+           basis_json=None) -> list[dict]:
+    """The ranked `{unit, score}` list of units to add to S after this round (score: the raw score; unit:
+    written by `basis_json`, default {"layer", "index"})."""
     picked = POLICIES.get(kcfg.policy).obj(normalize(scores, how), suppressed, kcfg, round_index)
     cap = kcfg.get("cap")
     picked = picked[:int(cap)] if cap is not None else picked
-    if how in (None, "none"):
-        return picked
-    return [{"unit": x["unit"], "score": float(scores[x["unit"]["layer"]][x["unit"]["index"]])} for x in picked]
+    as_json = basis_json or (lambda u: {"layer": int(u[0]), "index": int(u[1])})
+    return [{"unit": as_json(Unit(x["unit"]["layer"], x["unit"]["index"])),
+             "score": x["score"] if how in (None, "none") else float(scores[x["unit"]["layer"]][x["unit"]["index"]])}
+            for x in picked]
 
 
 def matched_random(suppressed: list, sizes: list[int], seed: int, avoid=()) -> list[Unit]:

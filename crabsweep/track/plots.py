@@ -46,8 +46,10 @@ def _save(fig, path: Path, dpi: int = 90) -> Path:
     return path
 
 
-def plot_chain(chain: dict, rounds: list[dict], sizes: list[int], path: str | Path) -> None:
-    """`rounds`: the full round records (with loss curves). The title names the run folder."""
+def plot_chain(chain: dict, rounds: list[dict], sizes: list[int], path: str | Path, group_of=None) -> None:
+    """`rounds`: the full round records (with loss curves); `group_of(unit json)` → its group (default: layer).
+    The title names the run folder."""
+    group_of = group_of or (lambda u: u["layer"])
     path = Path(path)
     fig, ax = _figure(2, 2, figsize=(12, 8))
     for rec in rounds:
@@ -60,11 +62,12 @@ def plot_chain(chain: dict, rounds: list[dict], sizes: list[int], path: str | Pa
     heat = np.zeros((len(rounds), max(len(sizes), 1)))
     for i, rec in enumerate(rounds):
         for x in rec["recruits"]["selected"]:
-            layer = x["unit"].get("layer", x["unit"].get("group"))
-            if isinstance(layer, int) and 0 <= layer < heat.shape[1]:
-                heat[i, layer] += 1
+            g = group_of(x["unit"])
+            if isinstance(g, int) and 0 <= g < heat.shape[1]:
+                heat[i, g] += 1
     im = ax[0, 1].imshow(heat, aspect="auto", cmap="viridis", interpolation="nearest")
-    ax[0, 1].set(title="selected units per layer", xlabel="layer", ylabel="round")
+    what = "dictionary" if chain["config"].get("granularity") == "dictionary_feature" else "layer"
+    ax[0, 1].set(title=f"selected units per {what}", xlabel=what, ylabel="round")
     ax[0, 1].set_yticks(range(len(rounds)), [str(rec["round"]) for rec in rounds])
     _integer_x(ax[0, 1])
     fig.colorbar(im, ax=ax[0, 1], label="units selected", ticks=MaxNLocator(integer=True))
