@@ -225,7 +225,8 @@ def test_relp_scores_match_a_hand_computation(session):
     ("residual_dim", lambda arch, layer: layer, "post"),
 ])
 def test_relp_on_other_granularities(pset, granularity, site, hook):
-    s = cs.load_session(*_tiny(pset), f"suppression={granularity}", command="discover")
+    extra = ["suppression.layers=[0,1]"] if granularity == "residual_dim" else []
+    s = cs.load_session(*_tiny(pset), f"suppression={granularity}", *extra, command="discover")
     arch, acts = s.loaded.arch, {}
     layers = arch.decoder_layers(s.model)
     if hook == "pre":

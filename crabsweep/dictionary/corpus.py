@@ -33,8 +33,9 @@ log = logging.getLogger(__name__)
 def shipped_texts(tokenizer) -> list[str]:
     """The package's own texts: generic texts (raw) and every task's samples (chat-formatted)."""
     texts = list(read_json_file(ROOT / "data" / "generic" / "texts.json", "generic text set")["texts"])
-    for folder in sorted(p for p in (ROOT / "data").iterdir() if p.is_dir() and p.name not in ("generic", "dictionary")):
-        if any(folder.glob("*.json")):
+    for conf in sorted((ROOT / "conf" / "task").glob("*.yaml")):          # the shipped tasks' folders
+        folder = ROOT / "data" / conf.stem
+        if folder.is_dir() and any(folder.glob("*.json")):
             texts += [render(tokenizer, s.input, s.output) for s in load_samples(folder)]
     return texts
 
