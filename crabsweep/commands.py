@@ -223,7 +223,8 @@ def _circuit_run(ctx: Context, job: str, fn) -> int:
             tracker = make_tracker(cfg, name=run_dir.name, group=cfg.tracker.get("group") or "circuits", job_type=job,
                                    config=chain_config(cfg), directory=Path(cfg.tracker.dir or run_dir))
         shown = fn(session, run_dir, tracker)
-    getattr(console, f"print_{job}")(shown, run_dir)
+    from .circuits import show
+    getattr(show, f"print_{job}")(shown, run_dir)
     return 0
 
 
@@ -261,12 +262,13 @@ def cmd_repl(ctx: Context) -> int:
 
 def cmd_dictionary(ctx: Context) -> int:
     """train [out folder] | compare | info <folder>: sparse dictionaries (SAEs, crosscoders)."""
+    from .dictionary import show
     action, rest = str(ctx.paths[0]), ctx.paths[1:]
     if action == "info":
         from .dictionary.formats import load_dictionary
         if not rest:
             raise UserError("dictionary info takes a folder: crabsweep dictionary info <folder>")
-        console.print_dictionary_info(load_dictionary(rest[0]))
+        show.print_dictionary_info(load_dictionary(rest[0]))
         return 0
     if action not in ("train", "compare"):
         raise UserError(f"unknown dictionary action '{action}'; use train, compare or info")
@@ -277,7 +279,7 @@ def cmd_dictionary(ctx: Context) -> int:
         console.setup_logging(None)
         loaded = load_model(cfg.model, cfg.device, cfg.dtype, cfg.attn_implementation)
         folder, record = train_dictionary(loaded, cfg.dictionary.train, rest[0] if rest else None)
-        console.print_dictionary_training(folder, record)
+        show.print_dictionary_training(folder, record)
         return 0
     from .config import save_config
     from .dictionary.compare import compare
@@ -286,7 +288,7 @@ def cmd_dictionary(ctx: Context) -> int:
         console.setup_logging(run_dir)
         save_config(cfg, ctx.overrides, run_dir)
         record = compare(ctx.session(), cfg.dictionary.compare, run_dir)
-    console.print_compare(record, run_dir)
+    show.print_compare(record, run_dir)
     return 0
 
 

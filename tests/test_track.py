@@ -118,7 +118,7 @@ def study(tmp_path_factory):
     cwd = os.getcwd()
     os.chdir(root)
     try:
-        assert main(["sweep", *TINY, "tracker=none", "sweep.pruner.name=none", "sweep.dir=multirun/s",
+        assert main(["sweep", *TINY, "tracker=none", "sweep.pruner.name=none", "sweep.dir=multirun",
                      "sweep.study=s", "sweep.n_trials=4", "sweep.sampler.name=bruteforce", "chain.rounds=2",
                      "sweep.params={attribution: [lora_a_grad, grad_norm], k.k: [3, 6]}",
                      "sweep.overrides=['train.epochs=2','chain.control=last']"]) == 0
@@ -145,10 +145,10 @@ def test_report_is_the_same_from_any_directory_and_numeric(study, tmp_path, monk
             for k, v in rec["metrics"].items():
                 if isinstance(v, float):
                     assert row[f"r{rec['round']}.{k}"] == v, k           # full precision
-        assert row["value"] == chain["rounds"][-1]["metrics"]["specificity"]
+        assert row["value"] == chain["rounds"][-1]["metrics"]["selectivity"]   # the default objective
     html = (study_dir / "report.html").read_text()
     assert "plotly" in html and html.count("data:image/png;base64,") >= 3 and "Recruit overlap" in html
-    for png in ("objective.png", "final_gap.png", "specificity.png", "intermediate_values.png"):
+    for png in ("objective.png", "final_gap.png", "selectivity.png", "intermediate_values.png"):
         assert (study_dir / png).exists(), png
 
 
@@ -172,7 +172,7 @@ def test_run_dir_of_reads_every_recorded_form(tmp_path, monkeypatch):
     other.mkdir()
     monkeypatch.chdir(other)
     for recorded in ("trial_0", "multirun/s/trial_0", str(study_dir / "trial_0")):
-        t = SimpleNamespace(user_attrs={"run_dir": recorded})
+        t = SimpleNamespace(user_attrs={"run_dir": recorded}, system_attrs={})
         assert run_dir_of(t, study_dir).resolve() == (study_dir / "trial_0").resolve(), recorded
         assert run_dir_of(t, Path("../multirun/s")).resolve() == (study_dir / "trial_0").resolve(), recorded
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from functools import partial
 from types import MethodType
 
 import torch

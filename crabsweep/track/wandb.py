@@ -107,10 +107,35 @@ class WandbTracker:
         path = self.run_dir / STATE_FILE if self.run_dir is not None else None
         state = io.read_json(path) if path is not None and path.exists() else {}
         fresh = {"id": state.get("id") or (run_id(self.run_dir, self.name) if self.run_dir else None),
-                 "mode": self.tcfg.mode, "rounds": [], "finished": False, "summary": None}
+                 "mode": self.tcfg.mode, "rounds": [], "train_steps": [], "finished": False, "summary": None}
         if state.get("mode") != self.tcfg.mode or (self.tcfg.mode == "offline" and not self._offline_runs(fresh["id"])):
             return fresh                       # nothing of this run exists where we log now: log it all
-        return {**fresh, **state}
+        state = {**fresh, **state}
+        if self.tcfg.mode == "offline" and not state["finished"]:
+            state.update(self._on_disk(self._offline_runs(state["id"])) or {})
+        return state
+
+    @staticmethod
+    def _on_disk(runs: list[Path]) -> dict | None:
+        """What the earlier offline folders really hold (a killed process may have recorded a round in
+        tracker.json that W&B never wrote): their rounds and training steps, read with `wandb leet inspect`."""
+        import subprocess
+        import sys
+        rounds, steps = set(), set()
+        for run in runs:
+            try:
+                out = subprocess.run([str(Path(sys.executable).with_name("wandb")), "leet", "inspect", "--json",
+                                      str(run)], capture_output=True, text=True, timeout=60, check=True).stdout
+            except Exception as e:  # noqa: BLE001 — unreadable: trust tracker.json
+                log.info("W&B: could not read %s (%s); trusting %s", run, e, STATE_FILE)
+                return None
+            for line in out.splitlines():
+                item = json.loads(line).get("history", {}).get("item", {}) if line.strip() else {}
+                if "round" in item:
+                    rounds.add(int(item["round"]))
+                if "train/step" in item:
+                    steps.add(int(item["train/step"]))
+        return {"rounds": sorted(rounds), "train_steps": sorted(steps)}
 
     def _offline_runs(self, rid: str | None) -> list[Path]:
         return sorted((self.directory / "wandb").glob(f"offline-run-*-{rid}")) if rid else []
@@ -183,7 +208,10 @@ class WandbTracker:
     def _log_round(self, rec: dict) -> None:
         self._ensure_run()
         r = rec["round"]
+        written = set(self.state.get("train_steps") or ())          # a killed run's steps W&B did write
         for i, point in enumerate(rec["loss_curve"]):
+            if self.train_step + i in written:
+                continue
             self.run.log({"train/step": self.train_step + i, "train/round": r,
                           "train/round_step": point.get("step", i), **_scalars(point, "train/", skip=("step",))},
                          step=self.step + i, commit=True)
