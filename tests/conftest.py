@@ -74,3 +74,28 @@ def reload_adapter_loss(adapter_dir, suppressed) -> float:
     for h in handles:
         h.remove()
     return loss
+
+
+# -- a tiny random dictionary for tiny_llama (width 32) ---------------------------------------------------
+D, F, K = 32, 64, 8
+
+
+def random_dictionary(name, layers, seed=0):
+    from crabsweep.dictionary.formats import Dictionary
+    from crabsweep.dictionary.sites import Site
+    g = torch.Generator().manual_seed(seed)
+    L = len(layers)
+    w_dec = torch.randn(F, L, D, generator=g)
+    w_dec = w_dec / w_dec.flatten(1).norm(dim=1)[:, None, None]
+    w_enc = 3 * w_dec.permute(1, 2, 0) + 0.3 * torch.randn(L, D, F, generator=g)     # not tied: w·d ≠ 1
+    return Dictionary(name, tuple(Site(x) for x in layers), w_enc.contiguous(), 0.1 * torch.randn(F, generator=g),
+                      w_dec, 0.1 * torch.randn(L, D, generator=g), "topk", K)
+
+
+@pytest.fixture(scope="session")
+def tiny_dictionaries(tmp_path_factory) -> dict:
+    """{"sae": an SAE at layer 1, "cc": a crosscoder over layers 0 and 1} of tiny_llama, as folders."""
+    from crabsweep.dictionary.formats import save_dictionary
+    root = tmp_path_factory.mktemp("dicts")
+    return {"sae": str(save_dictionary(random_dictionary("sae", [1]), root / "sae")),
+            "cc": str(save_dictionary(random_dictionary("cc", [0, 1], seed=1), root / "cc"))}

@@ -21,7 +21,7 @@ from crabsweep.loop.round import run_round
 TINY = ["model=tiny_llama", "task=tiny", "eval.max_new_tokens=4", "tracker=none"]
 # what an option needs beside it to compose (e.g. a MoE granularity needs a MoE model)
 COMPANIONS = [[], ["attribution=grad_x_act"], ["model=tiny_moe", "attribution=grad_x_act"],
-              ["model.path=/nonexistent"], ["model=tiny_moe"]]
+              ["model.path=/nonexistent"], ["model=tiny_moe"], ["suppression.path=some-dictionary"]]
 
 
 @functools.cache
@@ -91,7 +91,7 @@ def denied(path: str, deny) -> bool:
 def _stub(plain: dict):
     loaded = SimpleNamespace(fingerprint={"sha256": "f"}, dtype=torch.float32)
     return SimpleNamespace(cfg=OmegaConf.create(plain), loaded=loaded, task=SimpleNamespace(files={"t": "h"}),
-                           device=torch.device("cpu"))
+                           device=torch.device("cpu"), basis=SimpleNamespace())
 
 
 def test_every_leaf_is_in_the_round_key_unless_denied():
@@ -141,6 +141,8 @@ ROUND_DENIED_VARIANTS = [   # one or more leaves under every ROUND_DENY entry th
     ["sweep.n_trials=99", "sweep.objective.metric=final_gap", "ensemble.weights=[1,2]"],
     ["attribution=grad_norm", "attribution.normalize=layer_zscore", "seed=5", "k=fraction"],
     ["round.suppress=[{layer: 0, index: 3}]"],
+    ["circuit.prompts=caps", "discover.k=5", "steer.max_new_tokens=3", "faithfulness.means=global", "edges.targets=3",
+     "dictionary.train.width=64"],
 ]
 
 

@@ -20,19 +20,7 @@ from crabsweep.dictionary.sites import Site
 from crabsweep.errors import UserError
 from crabsweep.loop.train import token_losses
 
-from .conftest import tiny_cfg
-
-D, F, K = 32, 64, 8
-
-
-def random_dictionary(name, layers, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    L = len(layers)
-    w_dec = torch.randn(F, L, D, generator=g)
-    w_dec = w_dec / w_dec.flatten(1).norm(dim=1)[:, None, None]
-    w_enc = 3 * w_dec.permute(1, 2, 0) + 0.3 * torch.randn(L, D, F, generator=g)     # not tied: w·d ≠ 1
-    return Dictionary(name, tuple(Site(x) for x in layers), w_enc.contiguous(), 0.1 * torch.randn(F, generator=g),
-                      w_dec, 0.1 * torch.randn(L, D, generator=g), "topk", K)
+from .conftest import D, F, K, random_dictionary, tiny_cfg  # noqa: F401
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,8 @@ PARTNERS = {
     ("task", "critique"): ["task.max_prompt_tokens=64", "+task.heldout=[ferry]", "chain.gate.min_task_score=null"],
     ("task", "json_extract"): ["task.max_prompt_tokens=64", "chain.gate.min_task_score=null"],
     ("adapter", "full"): ["attribution=grad_x_act", "train.lr=1e-3"],
+    ("suppression", "dictionary_feature"): ["suppression.path={sae}", "k.k=2"],
+    ("experiment", "dictionary_compare"): ["suppression.path={cc}", "k.k=2"],     # the crosscoder, here a tiny one
     ("adapter", "prompt_tuning"): ["attribution=grad_x_act", "train.lr=1e-2"],
 }
 SKIP = {("model", "smollm2_135m"), ("model", "gemma3_270m"), ("model", "hf"),   # real / external weights
@@ -37,9 +39,9 @@ OPTIONS = [(g.name, f.stem) for g in sorted(CONF.iterdir()) if g.is_dir() and g.
 
 
 @pytest.mark.parametrize("group, option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
-def test_every_option_runs_a_two_round_chain(tmp_path, group, option):
+def test_every_option_runs_a_two_round_chain(tmp_path, tiny_dictionaries, group, option):
     run = tmp_path / "run"
-    extra = PARTNERS.get((group, option), [])
+    extra = [e.format(**tiny_dictionaries) for e in PARTNERS.get((group, option), [])]
     if group == "task" and option != "tiny":
         extra = [e for e in extra if not e.startswith("+task.heldout")]
     base = [b for b in BASE if not (b == "k.k=3" and group == "k" and option not in ("fixed", "per_layer"))]
