@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/precision.py                      # embedded SmolLM2, critique task
     .venv/bin/python benchmarks/precision.py model=tiny_llama task=tiny
+    .venv/bin/python benchmarks/precision.py --profile            # where the time goes, per dtype
 
 For each dtype, one session (weights in that dtype, autocast around every forward, adapter and optimizer
 in fp32) runs the default round 0 (train, evaluate, no generation) twice; the faster run's training
@@ -15,6 +16,7 @@ import sys
 import time
 
 import torch
+from omegaconf import OmegaConf
 
 from crabsweep.api import load_session
 from crabsweep.loop.round import run_round
@@ -75,5 +77,24 @@ def main(overrides: list[str]) -> None:
     print(f"same config twice gives the same loss: fp32 {fp32['same_twice']}, bf16 {bf16['same_twice']}")
 
 
-if __name__ == "__main__":
+if __name__ == "__main__" and "--profile" not in sys.argv:
     main(sys.argv[1:])
+
+
+def profile(dtype: str, overrides: list[str], steps: int = 3) -> str:
+    """torch.profiler's top ops (self CPU time) over `steps` training steps in `dtype`."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from crabsweep.loop.train import train
+    session = load_session(f"dtype={dtype}", *overrides)
+    session.adapter.reset(0)
+    examples = session.task.train[:steps]
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        train(session, examples, OmegaConf.merge(session.cfg.train, {"epochs": 1, "batch_size": 1}), 0)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8)
+
+
+if __name__ == "__main__" and "--profile" in sys.argv:
+    for dt in ("fp32", "bf16"):
+        print(f"--- {dt}\n{profile(dt, [a for a in sys.argv[1:] if a != '--profile'])}")

@@ -15,8 +15,7 @@ from crabsweep.core.session import Session
 from crabsweep.core.tasks import collate
 from crabsweep.dictionary import Ablate, Clamp, Steer
 from crabsweep.dictionary.compare import generate_with
-from crabsweep.dictionary.formats import Dictionary, save_dictionary
-from crabsweep.dictionary.sites import Site
+from crabsweep.dictionary.formats import save_dictionary
 from crabsweep.errors import UserError
 from crabsweep.loop.train import token_losses
 
