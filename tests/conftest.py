@@ -6,11 +6,15 @@ import os
 
 import pytest
 import torch
+
 from peft.tuners.lora import LoraLayer
 
 from crabsweep.config import compose_config
 from crabsweep.core.models import load_model
 from crabsweep.core.session import Session
+
+# test sweeps run one worker unless they ask for more (the default `auto` would start one per core)
+os.environ.setdefault("CRABSWEEP_SWEEP_WORKERS", "1")
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

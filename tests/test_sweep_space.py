@@ -280,3 +280,19 @@ def test_metric_names_match_a_chain_record(tmp_path):
     assert numeric(rounds[0]["metrics"]) <= set(ROUND_METRICS)
     assert numeric(rounds[1]["metrics"]) | {"ig_completeness"} == set(ALL_METRICS)   # IG's only with attribution=ig
     assert set(CONTROL_METRICS).isdisjoint(rounds[0]["metrics"])
+
+
+def test_workers_auto_is_one_single_threaded_worker_per_core_up_to_the_cap(monkeypatch):
+    from types import SimpleNamespace
+
+    from crabsweep.sweep import launchers
+    monkeypatch.setattr(launchers, "cores", lambda: 4)
+    auto = SimpleNamespace(workers="auto", launcher="local")
+    assert launchers.n_workers(auto, cap=6) == 4 and launchers.n_workers(auto, cap=3) == 3
+    assert launchers.n_workers(auto, cap=6, device="cuda") == 1
+    assert launchers.n_workers(SimpleNamespace(workers=3, launcher="local"), cap=6) == 3
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert launchers.threads_per_worker(4) == 1 and launchers.threads_per_worker(2) == 2
+    assert launchers.threads_per_worker(8) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert launchers.threads_per_worker(2) == 3                    # the user's choice wins

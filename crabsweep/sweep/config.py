@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -53,7 +53,7 @@ class SweepConfig(_M):
     study: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     dir: str | None = None
     n_trials: int = Field(ge=1)
-    workers: int = Field(ge=1)
+    workers: Annotated[int, Field(ge=1)] | Literal["auto"]
     role: Literal["main", "worker"]
     launcher: str
     storage: str | None = Field(None, min_length=1)

@@ -1,6 +1,9 @@
 """How `sweep.workers` workers start (`sweep.launcher`).
 
-- `local`: the main process starts `workers − 1` worker processes on this host and works itself.
+- `local`: the main process starts `workers − 1` worker processes on this host and works itself. Each
+  process gets `cores // workers` torch threads (oversubscribed threads spin-wait); `sweep.workers=auto` is
+  one single-threaded worker per core, up to the trial cap, on CPU (measured faster than one worker using
+  every core: benchmarks/RESULTS.md), and one worker on a GPU.
 - `submitit`: `workers` jobs as one submitit job array (`sweep.submitit.cluster`: slurm, or local for a
   test), each a worker on the shared storage; the main process only waits and writes the summary. On
   preemption or timeout submitit checkpoints and requeues a job: the worker fails its running trial
@@ -36,6 +39,28 @@ def launch(plan, run_worker) -> None:
     LAUNCHERS.get(plan.scfg.launcher).obj(plan, run_worker)
 
 
+def cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:                 # not on Linux
+        return os.cpu_count() or 1
+
+
+def n_workers(scfg, cap: int, device: str = "cpu") -> int:
+    """`sweep.workers` as a number: `auto` → one worker per core (at most `cap`) on CPU, one on a GPU."""
+    if scfg.workers != "auto":
+        return int(scfg.workers)
+    if scfg.launcher != "local" or device != "cpu":
+        return 1
+    return max(1, min(cores(), cap))
+
+
+def threads_per_worker(workers: int) -> int:
+    """The cores shared out between this host's workers (an explicit OMP_NUM_THREADS wins)."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    return int(env) if env.isdigit() and int(env) > 0 else max(1, cores() // workers)
+
+
 def worker_command(plan) -> list[str]:
     config_dir = ["--config-dir", str(plan.config_dir)] if plan.config_dir else []
     return [sys.executable, "-m", "crabsweep.cli", "sweep", *config_dir, *plan.public, "sweep.role=worker"]
@@ -43,8 +68,13 @@ def worker_command(plan) -> list[str]:
 
 @LAUNCHERS.register("local")
 def local(plan, run_worker) -> None:
-    procs = [subprocess.Popen(worker_command(plan), env=worker_env(plan.url))
-             for _ in range(int(plan.scfg.workers) - 1)]
+    import torch
+    threads = threads_per_worker(plan.workers)
+    env = {**worker_env(plan.url), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    procs = [subprocess.Popen(worker_command(plan), env=env) for _ in range(plan.workers - 1)]
+    torch.set_num_threads(threads)
+    if plan.workers > 1:
+        log.info("%d local workers × %d torch thread%s", plan.workers, threads, "s" * (threads > 1))
     try:
         run_worker(plan)
     except BaseException:                 # Ctrl-C (or a crash) here: the workers stop too, each failing its trial
@@ -91,7 +121,7 @@ class SweepWorker:
 @LAUNCHERS.register("submitit")
 def submitit_array(plan, run_worker) -> None:
     submitit = _checkpointable()
-    s, n = plan.scfg.submitit, int(plan.scfg.workers)
+    s, n = plan.scfg.submitit, plan.workers
     folder = plan.study_dir / "submitit" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     folder.mkdir(parents=True)
     os.chmod(folder, 0o700)

@@ -53,6 +53,7 @@ class SweepPlan:
     public: list[str]                 # the command line's overrides, secrets replaced, sweep.role dropped
     config_dir: str | None = None
     slot: str | None = None           # the launcher's id for this worker
+    workers: int = 1                  # sweep.workers resolved (`auto` → per core)
 
     @property
     def scfg(self):
@@ -94,6 +95,9 @@ def plan_sweep(cfg, overrides: list[str], config_dir: str | None = None, slot: s
                      public_overrides(overrides), config_dir, slot)
     base = compose_trial(plan, {})
     plan.rounds = int(base.chain.rounds)
+    from ..core.device import resolve_device
+    from .launchers import n_workers
+    plan.workers = n_workers(scfg, plan.cap, resolve_device(str(base.device)).type)
     make_pruner(scfg.pruner, plan.rounds)
     if scfg.role == "worker":
         return plan
