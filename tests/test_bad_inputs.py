@@ -301,7 +301,8 @@ CASES = [
     ("reproduce unwritable out", lambda b: ["reproduce", str(b.chain()), str(b.immutable("ro") / "out")], "cannot create the rerun's folder"),
     # --- sweep (input checks; the sweep's run-time checks are tested with the sweep) ---------------------------
     ("sweep.objective.direction=sideways", lambda b: ["sweep", *TINY, "sweep.objective.direction=sideways"], B + "sweep.objective.direction='sideways'"),
-    ("sweep.workers=abc", lambda b: ["sweep", *TINY, "sweep.workers=abc"], B + "sweep.workers='abc'"),
+    ("sweep.workers=abc", lambda b: ["sweep", *TINY, "sweep.workers=abc"], B + "sweep.workers='abc': use a positive number of workers or auto"),
+    ("sweep.workers=0", lambda b: ["sweep", *TINY, "sweep.workers=0"], B + "sweep.workers=0: use a positive number of workers or auto"),
     ("sweep.n_trials=0", lambda b: ["sweep", *TINY, "sweep.n_trials=0"], B + "sweep.n_trials=0"),
     ("sweep percentile 150", lambda b: ["sweep", *TINY, "sweep.pruner.name=percentile", "+sweep.pruner.percentile=150"], B + "sweep.pruner.percentile=150"),
     ("sweep.study=../../x", lambda b: ["sweep", *TINY, "sweep.study=../../x"], B + "sweep.study='../../x'"),

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class _M(BaseModel):
@@ -53,7 +53,7 @@ class SweepConfig(_M):
     study: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     dir: str | None = None
     n_trials: int = Field(ge=1)
-    workers: Annotated[int, Field(ge=1)] | Literal["auto"]
+    workers: int | str
     role: Literal["main", "worker"]
     launcher: str
     storage: str | None = Field(None, min_length=1)
@@ -67,3 +67,10 @@ class SweepConfig(_M):
     params: dict[str, Any]
     overrides: list[str]
     submitit: SubmititConfig
+
+    @field_validator("workers")
+    @classmethod
+    def _workers(cls, v):
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            return v
+        raise ValueError("use a positive number of workers or auto")
