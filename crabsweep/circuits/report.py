@@ -97,7 +97,7 @@ def plot_steer(result: dict, path: Path) -> None:
     fig.suptitle(f"steering on '{result['prompt_set']}': {result.get('units', 0)} units, positions "
                  f"{result['positions']}" + (f", {result['suppressed']} suppressed" if result["suppressed"] else ""))
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    io.save_figure(fig, path, dpi=90)   # complete or absent
     plt.close(fig)
 
 
@@ -110,6 +110,7 @@ def plot_faithfulness(result: dict, path: Path) -> None:
     ax[0].axhline(1, color="gray", ls=":", lw=0.8)
     ax[0].axhline(0, color="gray", ls=":", lw=0.8)
     ax[0].set_xscale("symlog", linthresh=0.2)
+    ax[0].set_xlim(left=0)
     ax[0].set(title="faithfulness and completeness", xlabel=f"circuit size: % of the {result['n_ranked']} attributed units",
               ylabel="(F(·) − F(∅)) / (F(M) − F(∅))")
     ax[0].legend(fontsize=8)
@@ -118,10 +119,11 @@ def plot_faithfulness(result: dict, path: Path) -> None:
     ax[1].axhline(result["f_model"], color="green", ls=":", label="F(M)")
     ax[1].axhline(result["f_empty"], color="red", ls=":", label="F(∅)")
     ax[1].set_xscale("symlog", linthresh=1)
+    ax[1].set_xlim(left=0)
     ax[1].set(title=f"metric F: mean {result['metric']}", xlabel="units in C", ylabel="F")
     ax[1].legend(fontsize=8)
     fig.suptitle(f"faithfulness on '{result['prompt_set']}' ({result['means']} means from "
                  f"{result['patch']} prompts, {result['granularity']})")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    io.save_figure(fig, path, dpi=90)   # complete or absent
     plt.close(fig)

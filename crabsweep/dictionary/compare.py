@@ -231,5 +231,5 @@ def plot_compare(record: dict, path: str | Path) -> None:
         ax[0, col].legend(fontsize=7)
     fig.suptitle(f"ablating feature {record['feature']} of {record['dictionary']} ({', '.join(record['hooks'])})")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    io.save_figure(fig, path, dpi=90)   # complete or absent
     plt.close(fig)
