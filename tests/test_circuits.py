@@ -598,3 +598,16 @@ def test_shipped_prompt_sets_parse():
         ps = load_prompt_set(name)
         assert ps.items and ps.control and all(i.target for i in ps.items + ps.control)
     assert load_prompt_set("capitals").patch and load_prompt_set("caps").positive
+
+
+def test_units_the_discovery_could_not_select_stay_clean(session):
+    """With layer 0 skipped (and universal units excluded), the full attributed set is faithful and complete by
+    construction: F(∅) ablates only what could have been attributed."""
+    found = discover(session, skip_layers=[0], k=5)
+    result = faithfulness(session, found, percentages=[0, 100])
+    assert result["n_ranked"] <= session.basis.sizes[1]                # nothing of layer 0 is ranked
+    empty, full = result["rows"]
+    assert empty["faithfulness"] == 0.0 and empty["completeness"] == 1.0
+    assert full["faithfulness"] == 1.0 and full["completeness"] == 0.0
+    everything = faithfulness(session, Circuit.from_units(session.basis.units()), percentages=[0])
+    assert result["f_empty"] != everything["f_empty"]                  # layer 0 kept its clean values

@@ -60,13 +60,18 @@ class MeanPatch(Intervention):
 
 
 class Protocol:
-    """The four conditions over a fixed set of runs: (input ids, per-group means, metric of the logits)."""
+    """The four conditions over a fixed set of runs: (input ids, per-group means, metric of the logits).
 
-    def __init__(self, session, runs: list[tuple[torch.Tensor, list[torch.Tensor], object]]):
+    `universe`: the units the analysis may ablate (bool [n] per group; default every unit) — units outside
+    it (e.g. layers the discovery skipped) keep their clean values in every condition, so F(∅) ablates the
+    whole universe and the full attributed set is faithful (1) and complete (0) by construction."""
+
+    def __init__(self, session, runs: list[tuple[torch.Tensor, list[torch.Tensor], object]], universe=None):
         self.session, self.runs = session, runs
         self.sizes = session.basis.sizes
+        self.universe = universe or {g: torch.ones(n, dtype=torch.bool) for g, n in enumerate(self.sizes) if n}
         self.f_model = self.F({})
-        self.f_empty = self.F({g: torch.ones(n, dtype=torch.bool) for g, n in enumerate(self.sizes) if n})
+        self.f_empty = self.F(self.universe)
 
     @torch.no_grad()
     def F(self, selected: dict) -> float:
@@ -81,7 +86,7 @@ class Protocol:
 
     def measure(self, units) -> dict:
         """F(C), F(M\\C), faithfulness and completeness of the unit set C."""
-        keep = {g: torch.ones(n, dtype=torch.bool) for g, n in enumerate(self.sizes) if n}
+        keep = {g: u.clone() for g, u in self.universe.items()}
         only = {g: torch.zeros(n, dtype=torch.bool) for g, n in enumerate(self.sizes) if n}
         for g, i in units:
             keep[g][i], only[g][i] = False, True
@@ -112,6 +117,19 @@ def _table(by_back: dict, overall: list[torch.Tensor], t: int) -> list[torch.Ten
             for g in range(len(overall))]
 
 
+def _universe(session, meta: dict) -> dict:
+    """Every unit but those the discovery could not select: its skipped layers and excluded units."""
+    out = {g: torch.ones(n, dtype=torch.bool) for g, n in enumerate(session.basis.sizes) if n}
+    for g in meta.get("skip_layers", []):
+        if g in out:
+            out[g][:] = False
+    excluded = meta.get("excluded")                           # a Discovery's units; a circuit file records only
+    for g, i in excluded if isinstance(excluded, list) else []:   # the exclusion settings
+        if g in out:
+            out[g][i] = False
+    return out
+
+
 def _ranking(session, source) -> tuple[list, dict]:
     if source is None:
         source = discover(session)
@@ -123,7 +141,7 @@ def _ranking(session, source) -> tuple[list, dict]:
             scores[g][i] = 0.0
         flat = [(g, i, float(v)) for g, s in enumerate(scores) for i, v in enumerate(s.tolist()) if v != 0.0]
         flat.sort(key=lambda x: -abs(x[2]))
-        return [(g, i) for g, i, _ in flat], source.circuit.meta
+        return [(g, i) for g, i, _ in flat], {**source.circuit.meta, "excluded": [tuple(map(int, u)) for u in source.excluded]}
     circuit = source if isinstance(source, Circuit) else load_source(source, session.basis)
     return session.basis.check(circuit.units(), "circuit unit"), circuit.meta
 
@@ -155,7 +173,7 @@ def faithfulness(session, source=None, out_dir: str | Path | None = None, prompt
         cfs.append(tok.decode([cf]))
         means = _table(by_back, overall, len(ids)) if fcfg.means == "position" else overall
         runs.append((ids, means, lambda lo, t=target, c=cf: lo[-1, t] - lo[-1, c]))
-    proto = Protocol(session, runs)
+    proto = Protocol(session, runs, _universe(session, meta))
     n_model = session.basis.n_units
     rows = []
     for pct in fcfg.percentages:
