@@ -65,11 +65,11 @@ def plot_chain(chain: dict, rounds: list[dict], sizes: list[int], path: str | Pa
             g = group_of(x["unit"])
             if isinstance(g, int) and 0 <= g < heat.shape[1]:
                 heat[i, g] += 1
-    im = ax[0, 1].imshow(heat, aspect="auto", cmap="viridis", interpolation="nearest")
+    im = ax[0, 1].imshow(heat, aspect="auto", cmap="viridis", interpolation="nearest", vmin=0)
     what = "dictionary" if chain["config"].get("granularity") == "dictionary_feature" else "layer"
     ax[0, 1].set(title=f"selected units per {what}", xlabel=what, ylabel="round")
     ax[0, 1].set_yticks(range(len(rounds)), [str(rec["round"]) for rec in rounds])
-    _integer_x(ax[0, 1])
+    _integer_x(ax[0, 1], range(heat.shape[1]))          # one tick per group when there are few (e.g. 1 dictionary)
     fig.colorbar(im, ax=ax[0, 1], label="units selected", ticks=MaxNLocator(integer=True))
 
     idx = [rec["round"] for rec in rounds]
