@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 from contextlib import nullcontext
 
 import torch
@@ -21,15 +22,8 @@ from crabsweep.config import compose_config
 from crabsweep.core.session import Session
 from crabsweep.loop.train import train
 
-
-def matmul_peak(n: int = 1536, reps: int = 20) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best / 1e9
+sys.path.insert(0, str(Path(__file__).parent))
+from precision import matmul_peak  # noqa: E402  (benchmarks/precision.py)
 
 
 def train_flops(session, epochs: int) -> float:
@@ -71,7 +65,7 @@ def main(overrides: list[str]) -> None:
             times[attributed].append(run(session, attributed))
     base, attr = min(times[False]), min(times[True])
     flops = train_flops(session, int(cfg.train.epochs))
-    peak = matmul_peak()
+    peak = matmul_peak(torch.float32)
     print(f"model={cfg.model.name} task={cfg.task.name} tokens/pass={tokens} threads={torch.get_num_threads()}")
     print(f"no hooks        : {tokens / base:8.1f} tok/s  (best of {len(times[False])}: {base:.2f}s)")
     print(f"all attribution : {tokens / attr:8.1f} tok/s  (best of {len(times[True])}: {attr:.2f}s)")

@@ -15,7 +15,7 @@ three ablation methods side by side). Names below are imported on first use.
 
 from __future__ import annotations
 
-import importlib
+from .._lazy import lazy_exports
 
 _EXPORTS = {
     "Dictionary": "formats", "load_dictionary": "formats", "save_dictionary": "formats",
@@ -28,10 +28,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'crabsweep.dictionary' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS, globals())
