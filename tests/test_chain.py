@@ -14,7 +14,9 @@ from crabsweep.io import read_json
 from crabsweep.loop.reproduce import reproduce
 from crabsweep.core.unitsets import load_units
 
-from .conftest import reload_adapter_loss
+from crabsweep.core.session import Session
+
+from .conftest import reload_adapter_loss, tiny_cfg
 
 CHAIN = ["model=tiny_llama", "task=tiny", "eval.max_new_tokens=4", "tracker=none", "train.epochs=2", "train.lr=1e-2",
          "k.k=5", "chain.rounds=3", "chain.control=every"]
@@ -148,3 +150,27 @@ def test_chain_user_errors_exit_2(tmp_path, capsys):
            "holds a different config (k.k: 5 != 6)")
     for name in "abc":
         assert not (tmp_path / name).exists()
+
+
+def test_recruit_audit_is_computed_once_per_unit_and_shared_through_the_cache(tmp_path, monkeypatch):
+    """Each selected recruit's own collateral: one masked pass per unit per cache, whichever chain asks."""
+    from crabsweep.loop import metrics
+    from crabsweep.loop.cache import RoundCache
+    from crabsweep.loop.chain import run_chain as chain_into
+
+    calls = []
+    real = metrics.base_loss
+    monkeypatch.setattr(metrics, "base_loss", lambda s, ex, units: calls.append(list(units)) or real(s, ex, units))
+    cfg = tiny_cfg("chain.rounds=2", "k.k=2", "chain.recruit_audit=true", command="chain")
+    cache = RoundCache(tmp_path / "cache")
+    first = chain_into(Session(cfg), tmp_path / "a", cache)
+    audited = [a for r in first["rounds"] for a in r["recruits"]["audit"]]
+    singles = [c for c in calls if len(c) == 1]
+    assert len(singles) == len({(a["unit"]["layer"], a["unit"]["index"]) for a in audited}) == len(audited) > 0
+    calls.clear()
+    second = chain_into(Session(cfg), tmp_path / "b", cache)       # a fresh session: values from the cache
+    assert not [c for c in calls if len(c) == 1]
+    assert [r["recruits"]["audit"] for r in second["rounds"]] == [r["recruits"]["audit"] for r in first["rounds"]]
+    one = audited[0]
+    fresh = real(Session(cfg), metrics.baselines(Session(cfg))["generic"], [(one["unit"]["layer"], one["unit"]["index"])])
+    assert one["collateral"] == pytest.approx(fresh - metrics.baselines(Session(cfg))["collateral_loss"])

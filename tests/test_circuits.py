@@ -275,10 +275,31 @@ def test_contrastive_is_the_mean_activation_difference(session):
     attr = contrastive(session, PSET["positive"], PSET["negative"], False)
     for g in range(2):
         torch.testing.assert_close(attr.scores[g][0], means[0][g] - means[1][g])
-    found = discover(session, method="contrastive", skip_layers=[1], k=5)
+    # standardized: the difference over the pooled deviation of the two lists (floored at 0.1 × its median)
+    pos = [torch.stack(v) for v in zip(*(_last_rows(session, x) for x in encode(session, PSET["positive"], False)))]
+    neg = [torch.stack(v) for v in zip(*(_last_rows(session, x) for x in encode(session, PSET["negative"], False)))]
+    std = contrastive(session, PSET["positive"], PSET["negative"], False, "standardized")
+    for g in range(2):
+        sd = ((pos[g].var(0) + neg[g].var(0)) / 2).sqrt()
+        expected = (pos[g].mean(0) - neg[g].mean(0)) / sd.clamp_min(0.1 * sd[sd > 0].median())
+        torch.testing.assert_close(std.scores[g][0], expected)
+    assert std.meta["contrast"] == "standardized"
+    found = discover(session, method="contrastive", contrast="difference", skip_layers=[1], k=5)
     assert len(found.circuit) == 5 and all(k[0] == 0 and k[1] == -1 for k in found.circuit.neurons)
     with pytest.raises(UserError, match="no metric"):
         discover(session, method="contrastive", select="percentage")
+
+
+def _last_rows(session, ids):
+    """Each site's input at the last position, by a plain forward pre-hook (no crabsweep observer)."""
+    acts = {}
+    hooks = [site.register_forward_pre_hook(lambda m, args, g=g: acts.__setitem__(g, args[0][0, -1].double()))
+             for g, site in enumerate(_sites(session))]
+    with torch.no_grad(), session.adapter.disabled():
+        session.model(input_ids=ids[None])
+    for h in hooks:
+        h.remove()
+    return [acts[0], acts[1]]
 
 
 # -- steering -------------------------------------------------------------------------------------------

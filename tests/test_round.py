@@ -11,7 +11,7 @@ from crabsweep.loop.round import run_round, save_round
 from crabsweep.core.session import Session
 from crabsweep.core.basis import unit_from_json
 
-from .conftest import reload_adapter_loss, tiny_cfg
+from .conftest import randomize_lora_b, reload_adapter_loss, tiny_cfg
 
 
 def _same(a, b):
@@ -58,3 +58,48 @@ def test_attention_head_units_round():
     result = run_round(session, [(0, 1)])
     assert all(s[0][1] == 0 for s in result.scores.values())
     assert result.scores["grad_x_act"][0].shape == (4,)
+
+
+def test_batched_generation_equals_one_prompt_at_a_time_and_positional_scopes_stay_exact():
+    from crabsweep.core.interventions import Scale
+    from crabsweep.loop.metrics import generate_ids
+
+    session = Session(tiny_cfg())
+    randomize_lora_b(session)
+    prompts = session.task.train + session.task.heldout
+    assert len({len(e.prompt_ids) for e in prompts}) > 1          # different lengths: left padding is exercised
+    with session.intervene(session.mask([(0, 3), (1, 5)])):
+        one = generate_ids(session, prompts, 12, batch_size=1)
+        batched = generate_ids(session, prompts, 12, batch_size=4)
+    assert [t.tolist() for t in batched] == [t.tolist() for t in one]
+    # a scope naming positions cannot be left-padded: generation falls back to one prompt at a time
+    calls = []
+    real = session.model.generate
+    session.model.generate = lambda **kw: calls.append(kw["input_ids"].shape[0]) or real(**kw)
+    try:
+        with session.intervene(Scale(((0, 1),), 2.0, positions=(1,))):
+            generate_ids(session, prompts[:3], 4, batch_size=4)
+        assert calls == [1, 1, 1]
+        calls.clear()
+        generate_ids(session, prompts[:3], 4, batch_size=4)
+        assert calls == [3]
+    finally:
+        del session.model.generate
+
+
+def test_round_key_uses_the_imported_package_version_not_stale_metadata(tmp_path):
+    """importlib.metadata finds whichever crabsweep dist-info comes first on sys.path (the working directory
+    first); two sweep workers in different folders then computed different keys for the same round."""
+    import subprocess
+    import sys
+
+    import crabsweep
+    stale = tmp_path / "crabsweep-0.0.1.dist-info"
+    stale.mkdir()
+    (stale / "METADATA").write_text("Metadata-Version: 2.1\nName: crabsweep\nVersion: 0.0.1\n")
+    code = ("import importlib.metadata as m, json; from crabsweep.loop.cache import package_versions; "
+            "print(json.dumps([m.version('crabsweep'), package_versions()['crabsweep']]))")
+    seen, used = json.loads(subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                                           check=True).stdout)
+    assert seen == "0.0.1"                          # the trap is real in that folder
+    assert used == crabsweep.__version__

@@ -35,6 +35,7 @@ class DiscoverConfig(_M):
     metric: Literal["logit_diff", "logprob", "logit"] = "logit_diff"
     positive: list[str] | str | None = None
     negative: list[str] | str | None = None
+    contrast: Literal["difference", "standardized"] = "standardized"
     positions: Literal["each", "sum"] = "each"
     aggregate: Literal["mean", "any"] = "mean"
     skip_positions: Literal["first", "bos", "none"] = "first"

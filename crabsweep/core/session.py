@@ -60,6 +60,7 @@ class Session:
         self.basis = make_basis(cfg.suppression, self.loaded)      # after wrapping: PEFT freezes other weights
         self.adapter.reset(int(cfg.seed))             # deterministic from the start, not only per round
         self._means = None
+        self.positional = 0                             # open scopes whose interventions name positions
         self.memo: dict = {}                            # what no round changes (baselines, …), per session
         log.info("task %s: %d train / %d held-out samples; %d %s units; adapter %s", self.task.name,
                  len(self.task.train), len(self.task.heldout), self.basis.n_units, self.basis.name, self.adapter.name)
@@ -78,6 +79,8 @@ class Session:
             if any(iv.positions is not None for iv in interventions):
                 positions = Positions(self.adapter.n_virtual_tokens)
                 stack.callback(positions.attach(self.model, self.loaded.arch.decoder_layers(self.model)).remove)
+                self.positional += 1                   # absolute positions: no left-padded batches meanwhile
+                stack.callback(lambda: setattr(self, "positional", self.positional - 1))
             for iv in interventions:
                 stack.callback(self.basis.apply(self.model, iv, positions).remove)
             yield self

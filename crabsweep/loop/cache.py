@@ -28,15 +28,23 @@ from safetensors.torch import load_file
 
 from .. import io
 from ..core.session import config_key
+from ..errors import UserError
 from ..methods import METHODS
 from .round import RoundResult, posthoc_scores, run_round
 
 log = logging.getLogger(__name__)
 
-ROUND_CODE_VERSION = "3"
+ROUND_CODE_VERSION = "4"
 ROUND_DENY = ("command", "sweep", "tracker", "ensemble", "chain", "k", "round.suppress", "attribution", "seed",
               "launcher", "hydra", "circuit", "discover", "steer", "faithfulness", "edges", "dictionary")
-PACKAGES = ("crabsweep", "torch", "transformers", "peft")
+PACKAGES = ("torch", "transformers", "peft")
+
+
+def package_versions() -> dict[str, str]:
+    """crabsweep's own version from the imported package (installed metadata can be stale, and which copy
+    `importlib.metadata` finds depends on the working directory), the libraries' from their metadata."""
+    from .. import __version__
+    return {"crabsweep": __version__, **{p: version(p) for p in PACKAGES}}
 
 
 def _file_sha(path) -> str | None:
@@ -44,17 +52,21 @@ def _file_sha(path) -> str | None:
     return hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
 
 
-def round_key(session, suppressed, seed: int, generations: bool, mask_off: bool | None = None) -> str:
-    extra = {"version": ROUND_CODE_VERSION, "packages": {p: version(p) for p in PACKAGES},
+def session_key(session, **extra) -> str:
+    """The whole resolved config minus ROUND_DENY, the fingerprints and versions, and `extra`."""
+    extra = {"version": ROUND_CODE_VERSION, "packages": package_versions(),
              "model": session.loaded.fingerprint, "task_files": session.task.files,
              "device": str(session.device), "dtype": str(session.loaded.dtype),
-             "suppressed": sorted([list(map(int, u)) for u in set(map(tuple, suppressed))]),
-             "seed": int(seed), "generations": bool(generations), "mask_off": mask_off,
-             "collateral_text": _file_sha(session.cfg.eval.collateral_path)}
+             "collateral_text": _file_sha(session.cfg.eval.collateral_path), **extra}
     basis = getattr(session.basis, "fingerprint", None)          # e.g. a dictionary's weight files
     if basis:
         extra["basis"] = basis
     return config_key(session.cfg, ROUND_DENY, extra)
+
+
+def round_key(session, suppressed, seed: int, generations: bool, mask_off: bool | None = None) -> str:
+    return session_key(session, suppressed=sorted([list(map(int, u)) for u in set(map(tuple, suppressed))]),
+                       seed=int(seed), generations=bool(generations), mask_off=mask_off)
 
 
 def posthoc_key(session) -> str:
@@ -146,8 +158,41 @@ class RoundCache:
         except OSError as e:
             log.debug("post-hoc cache put %s lost a race: %s", pkey, e)
 
+    def unit_collateral(self, session) -> "UnitStore":
+        """Where each unit's own collateral (recruit audit) is kept for this session's model and mask."""
+        return UnitStore(self.root / "units" / session_key(session, purpose="unit_collateral"))
+
     def stats(self) -> dict:
         return {"hits": self.hits, "misses": self.misses}
+
+
+class UnitStore:
+    """One JSON value per unit in a folder: atomic writes, never overwritten (a race writes equal values)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def _path(self, unit) -> Path:
+        return self.folder / f"{'_'.join(str(int(x)) for x in unit)}.json"
+
+    def get(self, unit):
+        path = self._path(unit)
+        if not path.is_file():
+            return None
+        try:
+            value = io.read_json(path)["value"]
+            return float(value)
+        except (OSError, ValueError, KeyError, TypeError, UserError):   # damaged: recompute, leave it be
+            log.warning("unit store entry %s is damaged; recomputing its value", path)
+            return None
+
+    def put(self, unit, value: float) -> None:
+        if self._path(unit).exists():
+            return
+        try:
+            io.write_json(self._path(unit), {"unit": [int(x) for x in unit], "value": value})
+        except OSError as e:
+            log.debug("unit store put %s failed: %s", unit, e)
 
 
 def cached_round(session, suppressed, index: int, cache: RoundCache | None, seed: int, generations: bool = True,

@@ -33,7 +33,7 @@ from ..core.basis import Unit
 from ..core.unitsets import load_units, save_units
 from ..errors import UserError
 from ..methods.selection import check_k, matched_random, select
-from .cache import cached_round
+from .cache import cached_round, package_versions
 from .metrics import baselines, massive_units, recruit_audit
 from .objective import against_control, learned
 from .trajectory import classify, idle_audit, similarity
@@ -60,7 +60,7 @@ def plan_chain(session) -> ChainPlan:
 
 
 def fingerprints(session) -> dict:
-    pkgs = {p: version(p) for p in ("crabsweep", "torch", "transformers", "peft", "numpy", "safetensors")}
+    pkgs = {**package_versions(), **{p: version(p) for p in ("numpy", "safetensors")}}
     return {"model": session.loaded.fingerprint, "task_files": session.task.files,
             "packages": {**pkgs, "python": platform.python_version()},
             "device": str(session.device), "dtype": str(session.loaded.dtype).replace("torch.", ""),
@@ -183,7 +183,8 @@ def _main_round(session, plan, r, suppressed, rounds, cache, folder: Path) -> di
     rec = result.record()
     rec["recruits"] = {"method": plan.method, "selected": selected, "top": result.recruits}
     if session.cfg.chain.get("recruit_audit"):
-        rec["recruits"]["audit"] = recruit_audit(session, [session.basis.unit_from_json(x["unit"]) for x in selected])
+        rec["recruits"]["audit"] = recruit_audit(session, [session.basis.unit_from_json(x["unit"]) for x in selected],
+                                                 store=cache.unit_collateral(session) if cache else None)
     with io.staged_dir(folder) as tmp:                                    # appears only when complete
         io.write_tensors(tmp / "scores.safetensors", result.flat_scores())
         result.save_adapter(session, tmp / "adapter")

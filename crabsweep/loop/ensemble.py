@@ -138,7 +138,7 @@ class Ensembler:
         examples = s.task.heldout or s.task.train
         with s.intervene(s.mask(self.units)):
             loss = eval_loss(s, examples)
-            texts = generate(s, examples, int(self.ecfg.max_new_tokens))
+            texts = generate(s, examples, int(self.ecfg.max_new_tokens), int(s.cfg.eval.batch_size))
         return {"weights": dict(zip(map(str, self.rounds), weights)), self.loss_name: loss["plain"],
                 "task_score": sum(map(s.task.scorer, texts)) / len(texts),
                 "degeneracy": sum(map(degeneracy, texts)) / len(texts), "texts": texts,

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..core.tasks import Example, Sample, Scorer, collate
@@ -50,30 +51,53 @@ def eval_loss(session, examples: list[Example], batch_size: int | None = None) -
 
 
 @torch.no_grad()
-def generate_ids(session, examples: list[Example], max_new_tokens: int) -> list[torch.Tensor]:
-    """Greedy continuation (new token ids, CPU) of each example's prompt, one at a time (exact, no padding)."""
+def generate_ids(session, examples: list[Example], max_new_tokens: int, batch_size: int = 1) -> list[torch.Tensor]:
+    """Greedy continuation (new token ids, CPU) of each example's prompt. `batch_size` > 1 generates that many
+    prompts at once, left-padded (the same text up to float rounding, and ~1.5× faster on CPU, where each
+    step reads every weight once for the whole batch); 1 is exact. Scopes whose interventions name token
+    positions, and adapters with virtual tokens, always generate one prompt at a time."""
     model, tok = session.model, session.tokenizer
+    if session.adapter.n_virtual_tokens or getattr(session, "positional", False):
+        batch_size = 1
     was_training = model.training
     model.eval()
     outs = []
     bar = tqdm(total=len(examples) * max_new_tokens, desc="generating", unit="tok", leave=False, disable=None,
                delay=0.5)
-    for i, e in enumerate(examples):
-        ids = e.prompt_ids.unsqueeze(0).to(session.device)
+    for start in range(0, len(examples), batch_size):
+        chunk = [e.prompt_ids for e in examples[start:start + batch_size]]
+        width = max(len(ids) for ids in chunk)
+        ids = torch.stack([F.pad(x, (width - len(x), 0), value=session.pad_id) for x in chunk]).to(session.device)
+        attention = torch.stack([F.pad(torch.ones_like(x), (width - len(x), 0)) for x in chunk]).to(session.device)
         with session.precision():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+            out = model.generate(input_ids=ids, attention_mask=attention, max_new_tokens=max_new_tokens,
                                  do_sample=False, pad_token_id=tok.pad_token_id, streamer=_TokenBar(bar))
-        outs.append(out[0, ids.shape[1]:].cpu())
-        bar.update((i + 1) * max_new_tokens - bar.n)            # an early end of text counts as done
+        for row in out[:, width:].cpu():
+            outs.append(_until_end(row, tok))
+        bar.update(min(start + batch_size, len(examples)) * max_new_tokens - bar.n)   # early ends count as done
     bar.close()
     model.train(was_training)
     return outs
 
 
-def generate(session, examples: list[Example], max_new_tokens: int) -> list[str]:
-    """Greedy continuation of each example's prompt, one at a time (exact, no padding effects)."""
+def _until_end(row: torch.Tensor, tok) -> torch.Tensor:
+    """A batch row's new tokens up to and including its first end-of-text token (after it: padding)."""
+    ends = set(_end_ids(tok))
+    for i, t in enumerate(row.tolist()):
+        if t in ends:
+            return row[:i + 1]
+    return row
+
+
+def _end_ids(tok) -> list[int]:
+    eos = tok.eos_token_id
+    return list(eos) if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos])
+
+
+def generate(session, examples: list[Example], max_new_tokens: int, batch_size: int = 1) -> list[str]:
+    """Greedy continuation of each example's prompt (see `generate_ids`)."""
     return [session.tokenizer.decode(ids, skip_special_tokens=True)
-            for ids in generate_ids(session, examples, max_new_tokens)]
+            for ids in generate_ids(session, examples, max_new_tokens, batch_size)]
 
 
 class _TokenBar:
@@ -176,13 +200,23 @@ def massive_units(session, ratio: float) -> list:
     return out
 
 
-def recruit_audit(session, units, massive_ratio: float = 100.0) -> list[dict]:
+def recruit_audit(session, units, massive_ratio: float = 100.0, store=None) -> list[dict]:
     """Each selected recruit's own facts: peak |activation| over its layer's median (massive-activation units
-    dominate activation-scaled scores) and its own collateral (base + only this unit masked, unrelated text)."""
+    dominate activation-scaled scores) and its own collateral (base + only this unit masked, unrelated text).
+    A unit's collateral is computed once per session, and once per `store` (a dict-like of unit → value,
+    e.g. the round cache's, shared by a sweep's workers)."""
     base = baselines(session)
+    memo = session.memo.setdefault("unit_collateral", {})
     out = []
     for u in units:
         ratio = peak_ratio(session, u)
+        key = (str(session.cfg.eval.collateral_path), tuple(u))
+        if key not in memo:
+            stored = store.get(u) if store is not None else None
+            memo[key] = stored if stored is not None else \
+                base_loss(session, base["generic"], [u]) - base["collateral_loss"]
+            if store is not None and stored is None:
+                store.put(u, memo[key])
         out.append({"unit": session.basis.unit_json(u), "peak_over_median": ratio, "massive": ratio >= massive_ratio,
-                    "collateral": base_loss(session, base["generic"], [u]) - base["collateral_loss"]})
+                    "collateral": memo[key]})
     return out

@@ -87,11 +87,11 @@ def run_round(session, suppressed, index: int = 0, generations: bool = True, see
         scores = recorder.scores(suppressed)
         gens = []
         if generations and int(cfg.eval.max_new_tokens) > 0:
-            texts = generate(session, task.heldout, int(cfg.eval.max_new_tokens))
+            texts = generate(session, task.heldout, int(cfg.eval.max_new_tokens), int(cfg.eval.batch_size))
             gens = score_generations(task.heldout, texts, task.scorer, mask="on")
     mask_off = cfg.eval.mask_off if mask_off is None else mask_off
     if gens and mask_off and suppressed:
-        texts = generate(session, task.heldout, int(cfg.eval.max_new_tokens))
+        texts = generate(session, task.heldout, int(cfg.eval.max_new_tokens), int(cfg.eval.batch_size))
         gens += score_generations(task.heldout, texts, task.scorer, mask="off")
 
     top = int(cfg.round.top)
