@@ -7,9 +7,11 @@ under a matched random set R (same count per layer), and the objective of loop/o
   random          S is itself a random set → J should be ≈ 0
   infrastructure  S = round 0's top `lora_a_grad` recruits (activation-scaled; on SmolLM2 they include the
                   massive-activation unit L11:1229) → large final gap, but J low (collateral, content damage)
-  behaviour       S = units whose grad × activation on the behaviour tokens (section headers) is largest,
-                  keeping those whose own collateral on unrelated text is smallest and that are not
-                  massive-activation units → J high
+  behaviour       S = units whose |grad × activation| on the behaviour tokens (section headers, round-0
+                  adapter live) is largest relative to the same on unrelated text (base model; a
+                  first-order estimate of each unit's collateral), massive-activation units left out,
+                  at each `--behaviour-sizes` → J high once S is large enough that retraining cannot
+                  route the behaviour around it
 Prints one row per case; the figures go to benchmarks/RESULTS.md.
 """
 
@@ -24,7 +26,7 @@ import torch
 import crabsweep as cs
 from crabsweep.core.observers import GradientProduct
 from crabsweep.core.tasks import collate
-from crabsweep.loop.metrics import baselines, base_loss, peak_ratio
+from crabsweep.loop.metrics import baselines, peak_ratio
 from crabsweep.loop.objective import against_control
 from crabsweep.loop.train import token_ce
 from crabsweep.methods import rank
@@ -44,15 +46,32 @@ def behaviour_attribution(session) -> list[torch.Tensor]:
     return [t.abs().float() for t in acc.totals]
 
 
-def own_collateral(session, unit) -> float:
-    base = baselines(session)
-    return base_loss(session, base["generic"], [unit]) - base["collateral_loss"]
+def generic_attribution(session) -> list[torch.Tensor]:
+    """|Σ a·∂L/∂a| per unit, L = CE of the unrelated text, base model (adapter off)."""
+    acc = GradientProduct(session.basis)
+    with session.adapter.disabled(), session.observe(acc):
+        for ex in baselines(session)["generic"]:
+            batch = collate([ex], session.pad_id)
+            ce, answer = token_ce(session.model, batch, session.device)
+            ce[batch["labels"][:, answer] != -100].mean().backward()
+    session.model.zero_grad(set_to_none=True)
+    return [t.abs().float() for t in acc.totals]
+
+
+def behaviour_sets(session, sizes: list[int]) -> dict[str, list]:
+    """The largest behaviour/unrelated attribution ratios (non-massive units), one set per size."""
+    b, g = behaviour_attribution(session), generic_attribution(session)
+    floor = float(torch.cat(g).median())
+    ratio = [bb / (gg + floor) for bb, gg in zip(b, g)]
+    ranked = [session.basis.unit_from_json(x["unit"]) for x in rank(ratio, set(), 4 * max(sizes))]
+    ranked = [u for u in ranked if peak_ratio(session, u) < 100.0]
+    return {f"behaviour ({n})": ranked[:n] for n in sizes}
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--size", type=int, default=16)
-    p.add_argument("--pool", type=int, default=64, help="behaviour candidates screened for collateral")
+    p.add_argument("--behaviour-sizes", default="16,64,256", help="sizes of the behaviour sets (comma-separated)")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     session = cs.load_session("tracker=none", "eval.mask_off=false", *args.overrides)
@@ -68,10 +87,7 @@ def main() -> None:
     sets = {"random": sorted(every[i] for i in pick.tolist())}     # uniformly random units of the whole model
     sets["infrastructure"] = [session.basis.unit_from_json(x["unit"])
                               for x in rank(r0.scores["lora_a_grad"], set(), args.size)]
-    scores = behaviour_attribution(session)                       # the round-0 adapter is still live
-    pool = [session.basis.unit_from_json(x["unit"]) for x in rank(scores, set(), args.pool)]
-    screened = sorted((u for u in pool if peak_ratio(session, u) < 100.0), key=lambda u: own_collateral(session, u))
-    sets["behaviour"] = screened[:args.size]
+    sets.update(behaviour_sets(session, [int(n) for n in args.behaviour_sizes.split(",")]))   # round-0 adapter live
     rows = []
     for name, S in sets.items():
         main_m = _round_metrics(session, S, m0)
@@ -88,10 +104,10 @@ def main() -> None:
                "massive_in_set": sum(peak_ratio(session, u) >= 100.0 for u in S)}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print(f"\n{'case':16s} {'|S|':>4s} {'gap S/R':>13s} {'ΔH S/R':>13s} {'ΔO S':>7s} {'C S/R':>13s} "
+    print(f"\n{'case':18s} {'|S|':>4s} {'gap S/R':>13s} {'ΔH S/R':>13s} {'ΔO S':>7s} {'C S/R':>13s} "
           f"{'score S/R':>11s} {'J':>8s} {'J/|S|':>8s}")
     for r in rows:
-        print(f"{r['case']:16s} {r['n']:4d} {r['final_gap']:6.3f}/{r['final_gap_random']:6.3f} "
+        print(f"{r['case']:18s} {r['n']:4d} {r['final_gap']:6.3f}/{r['final_gap_random']:6.3f} "
               f"{r['behaviour_gap']:6.3f}/{r['behaviour_gap_random']:6.3f} {r['content_gap']:7.3f} "
               f"{r['collateral']:6.3f}/{r['collateral_random']:6.3f} {r['task_score']:5.2f}/{r['task_score_random']:5.2f} "
               f"{r['selectivity_total']:8.3f} {r['selectivity']:8.4f}")

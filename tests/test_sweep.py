@@ -69,7 +69,9 @@ def test_two_workers_share_a_storage_and_stop_at_the_cap(tmp_path, storage):
         chain = read_json(_run_dir(study_dir, t) / "chain.json")
         assert len(chain["rounds"]) == 3 and chain["config"]["attribution"] == t.params["attribution"]
     summary = read_json(study_dir / "summary.json")
-    assert summary["states"] == {"COMPLETE": 6} and summary["cache"]["hits"] >= 5   # round 0 trains once per worker
+    # round 0 does not depend on attribution or K: trained once, before the workers start, then read by all six
+    assert summary["states"] == {"COMPLETE": 6} and summary["cache"]["hits"] >= 6
+    assert all(t.system_attrs["cache_hits"] >= 1 for t in trials)
 
 
 def test_killed_worker_trial_fails_and_is_rerun_from_the_cache(tmp_path):

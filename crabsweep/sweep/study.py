@@ -14,6 +14,7 @@ sweep/launchers.py; storages and secrets: sweep/storage.py; search space and sam
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import sys
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
+import torch
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
@@ -174,7 +176,8 @@ def run_sweep(cfg, overrides: list[str], config_dir: str | None = None, slot: st
     start = len(study.get_trials(deepcopy=False))
     log.info("%s study %s in %s; %s", "new" if created else "resuming", cfg.sweep.study, plan.study_dir,
              describe_space(plan))
-    launch(plan, run_worker)
+    sessions = warm_start(plan, study)
+    launch(plan, functools.partial(run_worker, sessions=sessions))
     stopped = study_attrs(study).get("stopped")
     reason = stopped["reason"] if stopped and int(stopped["at"]) > start else None
     summary = summarize(plan, time.perf_counter() - t0, reason)
@@ -198,14 +201,41 @@ def _describe(study, plan: SweepPlan, overrides: list[str]) -> None:
 # --------------------------------------------------------------------------------------------------
 # A worker: ask, run the chain, tell — until the cap, a stop, or the end of the space
 # --------------------------------------------------------------------------------------------------
-def run_worker(plan: SweepPlan) -> tuple[str, str]:
+def warm_start(plan: SweepPlan, study) -> dict:
+    """Before several local workers start: when no swept parameter can change round 0 (e.g. attribution × K),
+    train it once on every core into the round cache, so the workers read it instead of each training the
+    same round on one core at the same time. Returns the session, which this process's worker keeps."""
+    from ..loop.cache import ROUND_DENY, RoundCache, cached_round
+    from ..loop.chain import plan_chain
+    from .launchers import cores
+    scfg = plan.scfg
+    shared = all(any(k == d or k.startswith(d + ".") for d in ROUND_DENY) for k in plan.space)
+    finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.get_trials(deepcopy=False))
+    if plan.workers < 2 or scfg.launcher != "local" or not scfg.cache or not shared or finished >= plan.cap:
+        return {}
+    tcfg = compose_trial(plan, {})
+    if len(tcfg.chain.get("seeds") or []) > 1:
+        return {}
+    torch.set_num_threads(cores())
+    sessions: dict[str, Session] = {}
+    session = _session_for(tcfg, sessions)
+    try:
+        chain = plan_chain(session)
+        cached_round(session, list(chain.inventory), 0, RoundCache(plan.study_dir.parent / "cache"), seed=chain.seed,
+                     posthoc=False)
+    except Exception as e:  # noqa: BLE001 — the trials meet the same problem and report it in their records
+        log.warning("warm start: round 0 was not precomputed (%s); the trials compute it", e)
+    return sessions
+
+
+def run_worker(plan: SweepPlan, sessions: dict | None = None) -> tuple[str, str]:
     from ..loop.cache import RoundCache
     scfg = plan.scfg
     study = open_study(plan)
     worker = Worker(study, plan.url, plan.study_dir, scfg, plan.space, plan.cap, plan.slot)
     study.sampler = make_sampler(scfg, plan.space, register(worker))
     cache = RoundCache(plan.study_dir.parent / "cache") if scfg.cache else None
-    sessions: dict[str, Session] = {}
+    sessions = {} if sessions is None else sessions
     bar = tqdm(total=plan.cap, desc="trials", disable=None)
     while True:
         finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.get_trials(deepcopy=False))
