@@ -182,7 +182,7 @@ def _main_round(session, plan, r, suppressed, rounds, cache, folder: Path) -> di
         m.update(chain_round_faithfulness(session, _units(session, [x["unit"] for x in selected])))
     rec = result.record()
     rec["recruits"] = {"method": plan.method, "selected": selected, "top": result.recruits}
-    if session.cfg.chain.get("recruit_audit"):
+    if session.cfg.chain.get("recruit_audit") and r < plan.rounds:      # the last round's picks are never suppressed
         rec["recruits"]["audit"] = recruit_audit(session, [session.basis.unit_from_json(x["unit"]) for x in selected],
                                                  store=cache.unit_collateral(session) if cache else None)
     with io.staged_dir(folder) as tmp:                                    # appears only when complete
