@@ -72,6 +72,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--size", type=int, default=16)
     p.add_argument("--behaviour-sizes", default="16,64,256", help="sizes of the behaviour sets (comma-separated)")
+    p.add_argument("--cases", default="random,infrastructure,behaviour", help="which cases to run")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     session = cs.load_session("tracker=none", "eval.mask_off=false", *args.overrides)
@@ -84,10 +85,13 @@ def main() -> None:
     sizes = session.basis.sizes
     every = session.basis.units()
     pick = torch.randperm(len(every), generator=torch.Generator().manual_seed(seed + 7))[:args.size]
+    cases = args.cases.split(",")
     sets = {"random": sorted(every[i] for i in pick.tolist())}     # uniformly random units of the whole model
     sets["infrastructure"] = [session.basis.unit_from_json(x["unit"])
                               for x in rank(r0.scores["lora_a_grad"], set(), args.size)]
-    sets.update(behaviour_sets(session, [int(n) for n in args.behaviour_sizes.split(",")]))   # round-0 adapter live
+    sets = {k: v for k, v in sets.items() if k in cases}
+    if "behaviour" in cases:                                      # the round-0 adapter is still live
+        sets.update(behaviour_sets(session, [int(n) for n in args.behaviour_sizes.split(",")]))
     rows = []
     for name, S in sets.items():
         main_m = _round_metrics(session, S, m0)

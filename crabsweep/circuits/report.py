@@ -63,7 +63,7 @@ def plot_steer(result: dict, path: Path) -> None:
             axis.set_axis_off()
             continue
         xs = [r["value"] for r in series]
-        for key, style, name in (("target_prob", "o-", "target (discovery prompts)"),
+        for key, style, name in (("target_prob", "o-", "target (the set's prompts)"),
                                  ("heldout_prob", "s-", "target (held-out prompts)"),
                                  ("control_prob", "^-", "control facts")):
             if series[0].get(key) is None:
