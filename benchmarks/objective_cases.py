@@ -71,7 +71,7 @@ def behaviour_sets(session, sizes: list[int]) -> dict[str, list]:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--size", type=int, default=16)
-    p.add_argument("--behaviour-sizes", default="16,64,256", help="sizes of the behaviour sets (comma-separated)")
+    p.add_argument("--behaviour-sizes", default="16,256,1024", help="sizes of the behaviour sets (comma-separated)")
     p.add_argument("--cases", default="random,infrastructure,behaviour", help="which cases to run")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()

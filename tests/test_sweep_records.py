@@ -104,7 +104,7 @@ def test_a_non_finite_objective_is_a_failure_with_a_reason(tmp_path, monkeypatch
 def test_a_corrupt_cache_entry_is_moved_aside_and_recomputed(tmp_path):
     args = [*FAST, f"sweep.dir={tmp_path}", "sweep.study=c", "sweep.params={k.k: [3, 4]}"]
     assert main(["sweep", *args, "sweep.n_trials=1"]) == 0
-    entries = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
+    entries = [p for p in (tmp_path / "cache").iterdir() if (p / "record.json").exists()]   # rounds, not units/
     assert len(entries) == 2                                                    # rounds 0 and 1
     round0 = next(p for p in entries if read_json(p / "record.json")["round"] == 0)
     scores = round0 / "scores.safetensors"
