@@ -172,6 +172,13 @@ def test_recruit_audit_is_computed_once_per_unit_and_shared_through_the_cache(tm
     second = chain_into(Session(cfg), tmp_path / "b", cache)       # a fresh session: values from the cache
     assert not [c for c in calls if len(c) == 1]
     assert [r["recruits"].get("audit") for r in second["rounds"]] == [r["recruits"].get("audit") for r in first["rounds"]]
+    swapped = Session(cfg)                          # a sweep swaps configs into one session: a new mask mode
+    unit = [(audited[0]["unit"]["layer"], audited[0]["unit"]["index"])]
+    metrics.recruit_audit(swapped, unit)
+    calls.clear()
+    swapped.cfg = tiny_cfg("chain.rounds=2", "k.k=2", "suppression.mode=mean", command="chain")
+    metrics.recruit_audit(swapped, unit)
+    assert calls == [unit]                          # recomputed, not the zero-ablation value
     one = audited[0]
     fresh = real(Session(cfg), metrics.baselines(Session(cfg))["generic"], [(one["unit"]["layer"], one["unit"]["index"])])
     assert one["collateral"] == pytest.approx(fresh - metrics.baselines(Session(cfg))["collateral_loss"])

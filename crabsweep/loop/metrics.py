@@ -210,7 +210,8 @@ def recruit_audit(session, units, massive_ratio: float = 100.0, store=None) -> l
     out = []
     for u in units:
         ratio = peak_ratio(session, u)
-        key = (str(session.cfg.eval.collateral_path), tuple(u))
+        sup = session.cfg.suppression                        # what a mask does can change between trials
+        key = (str(session.cfg.eval.collateral_path), str(sup.mode), str(sup.get("scale")), tuple(u))
         if key not in memo:
             stored = store.get(u) if store is not None else None
             memo[key] = stored if stored is not None else \
