@@ -36,12 +36,17 @@ def timed(cmd: list[str], env: dict | None = None) -> float:
     return time.perf_counter() - t
 
 
+def units_arg(units: list) -> str:
+    """A unit list as a Hydra override value: [{layer: g, index: i}, …]."""
+    return "[" + ",".join(f"{{layer: {g}, index: {i}}}" for g, i in units) + "]"
+
+
 def reference_way(work: Path, extra: list[str], cold: bool) -> tuple[float, list]:
     suppressed, recruits, total = [], [], 0.0
     for r in range(3):
         env = {"CRABSWEEP_CACHE": tempfile.mkdtemp(dir=work)} if cold else None
         run = work / f"ref_{'cold' if cold else 'warm'}_{r}"
-        s = "[" + ",".join(f"{{layer: {u[0]}, index: {u[1]}}}" for u in suppressed) + "]"
+        s = units_arg(suppressed)
         total += timed([*CLI, "round", *COMMON, *extra, "train.batch_size=1", f"round.suppress={s}",
                         f"hydra.run.dir={run}"], env)
         top = json.loads((run / "round_0" / "record.json").read_text())["recruits"]["lora_a_grad"]

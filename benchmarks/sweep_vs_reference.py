@@ -17,27 +17,14 @@ The recruits of the two ways are compared trial by trial (they must be identical
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-CLI = [sys.executable, "-m", "crabsweep.cli"]
+sys.path.insert(0, str(Path(__file__).parent))
+from chain_vs_reference import CLI, timed, units_arg  # noqa: E402  (benchmarks/chain_vs_reference.py)
+
 QUICK = ["model=tiny_llama", "task=tiny", "eval.max_new_tokens=4", "chain.gate.min_task_score=null"]
-
-
-def timed(cmd: list[str], env: dict | None = None) -> float:
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
-    if proc.returncode != 0:
-        sys.exit(f"failed: {' '.join(cmd)}\n{proc.stderr[-2000:]}")
-    return time.perf_counter() - t
-
-
-def units_arg(units: list) -> str:
-    return "[" + ",".join(f"{{layer: {g}, index: {i}}}" for g, i in units) + "]"
 
 
 def as_pairs(records: list[dict]) -> list[tuple[int, int]]:

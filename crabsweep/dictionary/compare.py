@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ from .. import io
 from ..core.observers import Capture
 from ..core.tasks import Example, Sample, render
 from ..errors import UserError
+from ..loop.metrics import eval_loss, greedy_ids
 from .ablate import Ablate
 
 log = logging.getLogger(__name__)
@@ -37,33 +39,11 @@ def _ids(tokenizer, prompts: list[str], chat: bool) -> list[list[int]]:
     return [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
 
 
-@torch.no_grad()
 def generate_with(session, interventions, prompt_ids: list[list[int]], max_new_tokens: int,
                   adapter: bool = False) -> list[list[int]]:
-    """Greedy continuations (token ids, up to and including EOS) of a left-padded batch under `interventions`."""
-    tok, model = session.tokenizer, session.model
-    width = max(map(len, prompt_ids))
-    ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + list(p) for p in prompt_ids], device=session.device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=session.device)
-    was = model.training
-    model.eval()
-    try:
-        with session.intervene(*interventions), session.precision():
-            if adapter:
-                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                     do_sample=False, pad_token_id=tok.pad_token_id)
-            else:
-                with session.adapter.disabled():
-                    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                         do_sample=False, pad_token_id=tok.pad_token_id)
-    finally:
-        model.train(was)
-    result = []
-    for row in out[:, width:].tolist():
-        if tok.eos_token_id in row:
-            row = row[:row.index(tok.eos_token_id) + 1]
-        result.append(row)
-    return result
+    """Greedy continuations (token ids, up to and including EOS) of one left-padded batch under `interventions`."""
+    with session.intervene(*interventions), (nullcontext() if adapter else session.adapter.disabled()):
+        return [row.tolist() for row in greedy_ids(session, prompt_ids, max_new_tokens, batch_size=len(prompt_ids))]
 
 
 def _examples(prompt_ids, continuations) -> list[Example]:
@@ -80,7 +60,6 @@ def _examples(prompt_ids, continuations) -> list[Example]:
 @torch.no_grad()
 def clean_ce(session, prompt_ids, continuations) -> list[float]:
     """Per sequence: mean CE of the continuation under the base model (no adapter, no edit) given the prompt."""
-    from ..loop.metrics import eval_loss
     keep = [i for i, c in enumerate(continuations) if c]
     if not keep:
         return []

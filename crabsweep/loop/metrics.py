@@ -52,46 +52,52 @@ def eval_loss(session, examples: list[Example], batch_size: int | None = None) -
 
 @torch.no_grad()
 def generate_ids(session, examples: list[Example], max_new_tokens: int, batch_size: int = 1) -> list[torch.Tensor]:
-    """Greedy continuation (new token ids, CPU) of each example's prompt. `batch_size` > 1 generates that many
-    prompts at once, left-padded (the same text up to float rounding, and ~1.5× faster on CPU, where each
-    step reads every weight once for the whole batch); 1 is exact. Scopes whose interventions name token
-    positions, and adapters with virtual tokens, always generate one prompt at a time."""
+    """Greedy continuation (new token ids, CPU) of each example's prompt (see `greedy_ids`)."""
+    return greedy_ids(session, [e.prompt_ids for e in examples], max_new_tokens, batch_size)
+
+
+@torch.no_grad()
+def greedy_ids(session, prompts: list[torch.Tensor], max_new_tokens: int, batch_size: int = 1) -> list[torch.Tensor]:
+    """Greedy continuation (new token ids up to and including end of text, CPU) of each prompt in the current
+    scope. `batch_size` > 1 generates that many prompts at once, left-padded (the same text up to float
+    rounding, and ~1.5× faster on CPU, where each step reads every weight once for the whole batch); 1 is
+    exact. Scopes whose interventions name token positions, and adapters with virtual tokens, always
+    generate one prompt at a time."""
     model, tok = session.model, session.tokenizer
     if session.adapter.n_virtual_tokens or getattr(session, "positional", False):
         batch_size = 1
+    ends = _end_ids(tok)
     was_training = model.training
     model.eval()
     outs = []
-    bar = tqdm(total=len(examples) * max_new_tokens, desc="generating", unit="tok", leave=False, disable=None,
+    bar = tqdm(total=len(prompts) * max_new_tokens, desc="generating", unit="tok", leave=False, disable=None,
                delay=0.5)
-    for start in range(0, len(examples), batch_size):
-        chunk = [e.prompt_ids for e in examples[start:start + batch_size]]
-        width = max(len(ids) for ids in chunk)
+    for start in range(0, len(prompts), batch_size):
+        chunk = [torch.as_tensor(x, dtype=torch.long) for x in prompts[start:start + batch_size]]
+        width = max(len(x) for x in chunk)
         ids = torch.stack([F.pad(x, (width - len(x), 0), value=session.pad_id) for x in chunk]).to(session.device)
         attention = torch.stack([F.pad(torch.ones_like(x), (width - len(x), 0)) for x in chunk]).to(session.device)
         with session.precision():
             out = model.generate(input_ids=ids, attention_mask=attention, max_new_tokens=max_new_tokens,
                                  do_sample=False, pad_token_id=tok.pad_token_id, streamer=_TokenBar(bar))
-        for row in out[:, width:].cpu():
-            outs.append(_until_end(row, tok))
-        bar.update(min(start + batch_size, len(examples)) * max_new_tokens - bar.n)   # early ends count as done
+        outs += [_until_end(row, ends) for row in out[:, width:].cpu()]
+        bar.update(min(start + batch_size, len(prompts)) * max_new_tokens - bar.n)   # early ends count as done
     bar.close()
     model.train(was_training)
     return outs
 
 
-def _until_end(row: torch.Tensor, tok) -> torch.Tensor:
+def _until_end(row: torch.Tensor, ends: set[int]) -> torch.Tensor:
     """A batch row's new tokens up to and including its first end-of-text token (after it: padding)."""
-    ends = set(_end_ids(tok))
     for i, t in enumerate(row.tolist()):
         if t in ends:
             return row[:i + 1]
     return row
 
 
-def _end_ids(tok) -> list[int]:
+def _end_ids(tok) -> set[int]:
     eos = tok.eos_token_id
-    return list(eos) if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos])
+    return set(eos) if isinstance(eos, (list, tuple)) else (set() if eos is None else {eos})
 
 
 def generate(session, examples: list[Example], max_new_tokens: int, batch_size: int = 1) -> list[str]:
